@@ -1,0 +1,1 @@
+"""The rwcflow BIDS App (installed as ``rwcflow.bids_app``)."""

@@ -1,0 +1,1 @@
+"""Pydra workflows composed from rwcflow's tasks (installed as ``rwcflow.workflows``)."""
