@@ -1,0 +1,196 @@
+"""Images and grids: NIfTI/MGZ I/O through nibabel, world-space resampling, intensity normalisation.
+
+A :class:`Grid` is a shape and a voxel-to-world affine (RAS+ millimetres, as nibabel gives it); an
+:class:`Image` is a 3-D array on a grid. Any orientation (RAS, LIA, LAS, LSA), oblique affines and
+anisotropic voxels are handled by going through world coordinates, never by "same shape".
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from scipy import ndimage
+
+from rwcflow.errors import InputError
+
+PathLike = str | os.PathLike
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A voxel grid: ``shape`` (X, Y, Z) and the 4x4 voxel-to-world ``affine`` (RAS+ mm)."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel sizes in mm along the three array axes."""
+        return np.linalg.norm(self.affine[:3, :3], axis=0)
+
+    def resized(self, shape: Sequence[int]) -> Grid:
+        """The grid of ``shape`` covering the same extent, corner voxel centres kept (``align_corners``)."""
+        scale = [(o - 1) / max(n - 1, 1) for o, n in zip(self.shape, shape)]
+        return Grid(tuple(int(n) for n in shape), self.affine @ np.diag([*scale, 1.0]))
+
+    def scaled(self, factor: float) -> Grid:
+        """The grid with about ``factor`` times as many voxels along each axis (at least 2)."""
+        return self.resized([max(2, int(round(n * factor))) for n in self.shape])
+
+    def voxel_to_world(self, points: np.ndarray) -> np.ndarray:
+        """Map voxel coordinates ``(..., 3)`` to world coordinates in mm."""
+        return points @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+    def world_to_voxel(self, points: np.ndarray) -> np.ndarray:
+        """Map world coordinates ``(..., 3)`` in mm to voxel coordinates."""
+        inverse = np.linalg.inv(self.affine)
+        return points @ inverse[:3, :3].T + inverse[:3, 3]
+
+
+@dataclass
+class Image:
+    """A 3-D volume on a grid; ``path`` is where it came from (for error messages), if anywhere."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    path: str | None = None
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(tuple(int(n) for n in self.data.shape), np.asarray(self.affine, dtype=np.float64))
+
+    def with_data(self, data: np.ndarray) -> Image:
+        """A new image on the same grid holding ``data``."""
+        return Image(np.asarray(data), self.affine.copy(), self.path)
+
+    def tensor(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The data as a ``(1, 1, X, Y, Z)`` tensor."""
+        return torch.as_tensor(np.ascontiguousarray(self.data), device=device).to(dtype)[None, None]
+
+
+def load_image(path: PathLike, *, labels: bool = False) -> Image:
+    """Load a NIfTI or MGZ volume, checking it is usable; errors name the file and the problem.
+
+    A 4-D image with a singleton fourth axis is squeezed; several volumes, NaNs or an all-zero image are
+    refused. ``labels=True`` keeps integer label values (and refuses non-integer values).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "file not found")
+    if path.is_dir():
+        raise InputError(path, "is a folder, not an image file")
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many types for unreadable files
+        raise InputError(path, f"not a readable NIfTI/MGZ image ({type(exc).__name__})") from None
+    affine = np.asarray(img.affine, dtype=np.float64)
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(path, f"expected a 3-D image, got shape {tuple(img.shape)}")
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(path, "header has an invalid voxel-to-world affine")
+    if labels:
+        if not np.issubdtype(data.dtype, np.integer):
+            if not np.all(np.isfinite(data)) or not np.all(np.equal(np.mod(data, 1), 0)):
+                raise InputError(path, "label map holds non-integer values")
+        data = data.astype(np.int32)
+    else:
+        data = data.astype(np.float32)
+        if not np.all(np.isfinite(data)):
+            raise InputError(path, "image contains NaN or infinite values")
+    if not np.any(data):
+        raise InputError(path, "image is all zeros")
+    return Image(data, affine, str(path))
+
+
+def save_image(image: Image, path: PathLike, *, dtype: np.dtype | type | None = None) -> Path:
+    """Write ``image`` atomically (a temporary file renamed into place) as NIfTI or MGZ, by extension."""
+    path = Path(path)
+    data = np.asarray(image.data if dtype is None else image.data.astype(dtype))
+    if path.name.endswith(".mgz"):
+        img = nib.MGHImage(data, image.affine)
+    else:
+        img = nib.Nifti1Image(data, image.affine)
+        img.set_qform(image.affine, code=1)
+        img.set_sform(image.affine, code=1)
+    return write_atomically(img, path)
+
+
+def write_atomically(img: nib.spatialimages.SpatialImage, path: PathLike) -> Path:
+    """Save a nibabel image to a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def resample(
+    image: Image,
+    grid: Grid,
+    *,
+    world_matrix: np.ndarray | None = None,
+    labels: bool = False,
+) -> Image:
+    """Resample ``image`` onto ``grid`` in world coordinates.
+
+    ``world_matrix`` (4x4, RAS mm) maps a world point of ``grid`` to the world point of ``image`` it
+    takes its value from (identity by default). Linear interpolation for intensities, nearest
+    neighbour for label maps (``labels=True``); outside the image the value is 0.
+    """
+    world = np.eye(4) if world_matrix is None else np.asarray(world_matrix, dtype=np.float64)
+    voxel_map = np.linalg.inv(image.affine) @ world @ grid.affine
+    data = ndimage.affine_transform(
+        image.data.astype(np.float32) if not labels else image.data,
+        voxel_map[:3, :3],
+        voxel_map[:3, 3],
+        output_shape=grid.shape,
+        order=0 if labels else 1,
+        mode="constant",
+        cval=0,
+    )
+    return Image(data, grid.affine.copy(), image.path)
+
+
+def normalize_intensity(
+    data: np.ndarray,
+    *,
+    modality: str = "mri",
+    percentiles: tuple[float, float] = (0.5, 99.5),
+    window: tuple[float, float] = (-1000.0, 1000.0),
+    mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """Scale intensities to about ``[0, 1]``.
+
+    ``modality="mri"``: robust percentiles of the non-zero (or masked) voxels map to 0 and 1, values
+    clipped. ``modality="ct"``: the fixed Hounsfield ``window`` maps to 0 and 1, values clipped.
+    """
+    data = np.asarray(data, dtype=np.float32)
+    if modality == "ct":
+        low, high = window
+    elif modality == "mri":
+        region = data[mask > 0] if mask is not None else data[data != 0]
+        if region.size == 0:
+            region = data.ravel()
+        low, high = np.percentile(region, percentiles)
+        if high <= low:
+            high = low + 1.0
+    else:
+        raise ValueError(f"unknown modality {modality!r}; expected 'mri' or 'ct'")
+    return np.clip((data - low) / (high - low), 0.0, 1.0).astype(np.float32)
