@@ -1,0 +1,128 @@
+"""Model files: weights + config + format version + provenance, in safetensors (no code is executed on load).
+
+A model file is a safetensors file whose tensors are the network's ``state_dict`` and whose string
+metadata holds ``format`` (``"rwcflow-model"``), ``format_version``, ``config`` (the
+:class:`~rwcflow.models.RWCNetConfig` as JSON) and ``provenance`` (JSON: how the weights were made).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from rwcflow import __version__
+from rwcflow.errors import ModelFileError
+from rwcflow.models import RWCNet, RWCNetConfig
+
+FORMAT = "rwcflow-model"
+FORMAT_VERSION = "1"
+DEFAULT_MODEL = "default.safetensors"
+
+log = logging.getLogger(__name__)
+_fallback_announced = False
+
+
+def save_model(model: RWCNet, path: str | os.PathLike, *, provenance: dict | None = None) -> Path:
+    """Write ``model`` (weights, config, format version, provenance) to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": json.dumps(model.config.to_dict()),
+        "provenance": json.dumps({"rwcflow_version": __version__, **(provenance or {})}),
+    }
+    tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The checked metadata of a model file: ``config`` and ``provenance`` decoded from JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(path, "model file not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ModelFileError(path, f"not a readable safetensors model file ({exc})") from None
+    if metadata.get("format") != FORMAT:
+        raise ModelFileError(path, "not an rwcflow model file (no 'format: rwcflow-model' metadata)")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ModelFileError(
+            path, f"model format version {metadata.get('format_version')!r} is not supported "
+            f"(this rwcflow reads version {FORMAT_VERSION})"
+        )
+    try:
+        return {"config": json.loads(metadata["config"]), "provenance": json.loads(metadata.get("provenance", "{}"))}
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ModelFileError(path, f"model metadata is damaged ({exc})") from None
+
+
+def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> RWCNet:
+    """Build the network from a model file's config and load its weights, in eval mode on ``device``."""
+    path = Path(path)
+    metadata = read_metadata(path)
+    try:
+        config = RWCNetConfig.from_dict(metadata["config"])
+        model = RWCNet(config)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ModelFileError(path, f"model config is not valid for this rwcflow ({exc})") from None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            state = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(path, f"model weights are corrupt ({exc})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise ModelFileError(path, f"weights do not match the network in its config: {detail}") from None
+    model.provenance = metadata["provenance"]
+    return model.to(device).eval()
+
+
+def default_model_path() -> Path | None:
+    """The model shipped inside the package, or ``None`` while none ships."""
+    candidate = resources.files("rwcflow") / "data" / DEFAULT_MODEL
+    return Path(str(candidate)) if candidate.is_file() else None
+
+
+def resolve_model(spec: str | os.PathLike | RWCNet | None, *, device: str | torch.device = "cpu") -> RWCNet | None:
+    """Turn a ``--model`` value (``"default"``, ``"none"``/``None``, a path, or a network) into a network.
+
+    ``"default"`` falls back to instance optimisation alone while no trained model ships, and says so
+    once per process.
+    """
+    global _fallback_announced
+    if isinstance(spec, RWCNet):
+        return spec.to(device).eval()
+    if spec is None or str(spec).lower() == "none":
+        return None
+    if str(spec).lower() == "default":
+        path = default_model_path()
+        if path is None:
+            if not _fallback_announced:
+                log.warning("no trained default model ships with this rwcflow yet: "
+                            "using instance optimisation alone (--model none)")
+                _fallback_announced = True
+            return None
+        return load_model(path, device=device)
+    return load_model(spec, device=device)

@@ -1,0 +1,239 @@
+"""The one high-level entry point: ``register(fixed, moving, ...) -> Registration``.
+
+Tasks, Nipype interfaces and command lines all call :func:`register`; nothing else re-implements
+registration logic. The mapping it finds takes a fixed world point ``p`` (voxel ``x`` of the fixed
+grid) to the moving world point ``A · F(x + u(x))``: the voxel displacement field ``u`` acts first, on
+the fixed grid ``F``, then the affine pre-alignment ``A`` (RAS mm). The warped image is the moving image
+sampled once at those points (no double interpolation).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field as dataclass_field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rwcflow import spatial, transforms
+from rwcflow.affine import affine_align
+from rwcflow.checkpoint import resolve_model
+from rwcflow.errors import InputError
+from rwcflow.io import Image, load_image, normalize_intensity
+from rwcflow.metrics import registration_metrics
+from rwcflow.models import RWCNet
+from rwcflow.optimize import InstanceOptimization, instance_optimize
+
+log = logging.getLogger(__name__)
+
+ImageLike = Image | str | os.PathLike
+
+
+@dataclass
+class Registration:
+    """The result of :func:`register`.
+
+    ``affine`` is the 4x4 RAS world matrix taking a fixed world point to the moving world point of the
+    pre-alignment; ``field`` is the voxel displacement ``(1, 3, X, Y, Z)`` on the fixed grid applied
+    before it; ``warped`` is the moving image on the fixed grid.
+    """
+
+    fixed: Image
+    moving: Image
+    affine: np.ndarray
+    field: torch.Tensor
+    warped: Image
+    warped_labels: Image | None = None
+    metrics: dict | None = None
+    timings: dict[str, float] = dataclass_field(default_factory=dict)
+
+    def coordinates(self, image: Image) -> torch.Tensor:
+        """Voxel coordinates in ``image`` (any grid in moving world space) of every fixed voxel, ``(1, 3, X, Y, Z)``."""
+        return mapped_coordinates(self.fixed, image, self.affine, self.field)
+
+    def apply(self, image: ImageLike, *, labels: bool = False) -> Image:
+        """Resample an image in moving space (any grid) onto the fixed grid through the whole mapping."""
+        image = image if isinstance(image, Image) else load_image(image, labels=labels)
+        return sample_image(image, self.coordinates(image), self.fixed, labels=labels)
+
+    def world_displacement(self) -> np.ndarray:
+        """The whole fixed→moving mapping as RAS-mm displacements ``(X, Y, Z, 3)`` on the fixed grid."""
+        return transforms.compose_world_displacement(self.fixed.grid, self.affine, self.field)
+
+    def write_transforms(self, out_dir: str | os.PathLike, *, xfm: str = "xfm.nii.gz",
+                         affine: str = "affine.txt") -> dict[str, Path]:
+        """Write ``xfm`` (ITK displacement field, affine included) and ``affine`` (ITK text) into ``out_dir``."""
+        out_dir = Path(out_dir)
+        return {
+            "xfm": transforms.write_displacement_field(out_dir / xfm, self.world_displacement(), self.fixed.grid),
+            "affine": transforms.write_affine(out_dir / affine, self.affine),
+        }
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` is CUDA when present, else the CPU; anything else is passed to :class:`torch.device`."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device", "CUDA was asked for but no CUDA device is available")
+    return device
+
+
+def mapped_coordinates(fixed: Image, image: Image, affine: np.ndarray, field: torch.Tensor) -> torch.Tensor:
+    """Voxel coordinates in ``image`` of ``affine · F(x + field(x))`` for every fixed voxel ``x``."""
+    voxel_map = np.linalg.inv(image.affine) @ affine @ fixed.affine
+    matrix = torch.as_tensor(voxel_map, dtype=field.dtype, device=field.device)
+    points = spatial.identity_grid(fixed.data.shape, device=field.device, dtype=field.dtype) + field
+    return torch.einsum("ij,bjxyz->bixyz", matrix[:3, :3], points) + matrix[:3, 3].view(1, 3, 1, 1, 1)
+
+
+def sample_image(image: Image, coords: torch.Tensor, target: Image, *, labels: bool = False) -> Image:
+    """``image`` sampled at voxel ``coords`` (zero outside), as an image on ``target``'s grid."""
+    values = image.tensor(coords.device, torch.float32)
+    mode = "nearest" if labels else "bilinear"
+    out = spatial.sample(values, coords.float(), mode=mode, padding_mode="zeros")[0, 0].cpu().numpy()
+    data = np.rint(out).astype(np.int32) if labels else out.astype(np.float32)
+    return Image(data, target.affine.copy(), image.path)
+
+
+def _as_image(value: ImageLike | None, *, labels: bool = False) -> Image | None:
+    if value is None or isinstance(value, Image):
+        return value
+    return load_image(value, labels=labels)
+
+
+def _check_same_grid(image: Image, other: Image | None, what: str) -> None:
+    """Labels and masks must lie on their image's grid (same shape and affine)."""
+    if other is None:
+        return
+    if other.data.shape != image.data.shape or not np.allclose(other.affine, image.affine, atol=1e-3):
+        raise InputError(other.path or what, f"{what} is on another grid than its image {image.path or ''}".rstrip())
+
+
+def _load_keypoints(points: np.ndarray | str | os.PathLike | None) -> np.ndarray | None:
+    """Keypoints as an ``(N, 3)`` array of RAS world mm; a CSV/text file has one ``x,y,z`` row per point."""
+    if points is None or isinstance(points, np.ndarray):
+        return points
+    path = Path(points)
+    try:
+        array = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2)
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"not a readable keypoint file ({exc})") from None
+    if array.shape[1] != 3:
+        raise InputError(path, f"keypoints need 3 columns (x, y, z in mm), got {array.shape[1]}")
+    return array
+
+
+def _options(instance_optimization: bool | int | InstanceOptimization | None) -> InstanceOptimization | None:
+    if isinstance(instance_optimization, InstanceOptimization):
+        return instance_optimization
+    if instance_optimization is None or instance_optimization is False or instance_optimization == 0:
+        return None
+    if instance_optimization is True:
+        return InstanceOptimization()
+    return InstanceOptimization(iterations=int(instance_optimization))
+
+
+def register(
+    fixed: ImageLike,
+    moving: ImageLike,
+    *,
+    model: str | os.PathLike | RWCNet | None = "default",
+    affine: bool | np.ndarray = True,
+    instance_optimization: bool | int | InstanceOptimization | None = True,
+    device: str | torch.device = "auto",
+    fixed_mask: ImageLike | None = None,
+    moving_mask: ImageLike | None = None,
+    fixed_labels: ImageLike | None = None,
+    moving_labels: ImageLike | None = None,
+    fixed_keypoints: np.ndarray | str | os.PathLike | None = None,
+    moving_keypoints: np.ndarray | str | os.PathLike | None = None,
+    label_guided: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Registration:
+    """Register ``moving`` to ``fixed``: affine pre-alignment, RWCNet, then instance optimisation.
+
+    Images are paths or :class:`~rwcflow.io.Image`. ``model`` is ``"default"``, ``"none"``/``None``, a
+    model file or a network; ``affine`` is ``True`` (estimate), ``False`` (identity in world space) or a
+    given 4x4 RAS world matrix; ``instance_optimization`` is ``True``, ``False``, a number of iterations
+    or options. Labels give Dice/HD95 metrics (and, with ``label_guided``, a Dice term in the
+    optimisation); keypoints (RAS mm, ``(N, 3)`` or a CSV) add a distance term.
+    """
+    say = progress or (lambda message: log.info(message))
+    timings: dict[str, float] = {}
+    device = resolve_device(device)
+    fixed, moving = _as_image(fixed), _as_image(moving)
+    fixed_mask, moving_mask = _as_image(fixed_mask, labels=True), _as_image(moving_mask, labels=True)
+    fixed_labels, moving_labels = _as_image(fixed_labels, labels=True), _as_image(moving_labels, labels=True)
+    _check_same_grid(fixed, fixed_mask, "mask")
+    _check_same_grid(moving, moving_mask, "mask")
+    _check_same_grid(fixed, fixed_labels, "label map")
+    _check_same_grid(moving, moving_labels, "label map")
+    fixed_points, moving_points = _load_keypoints(fixed_keypoints), _load_keypoints(moving_keypoints)
+    network = resolve_model(model, device=device)
+    options = _options(instance_optimization)
+
+    start = time.perf_counter()
+    if isinstance(affine, np.ndarray):
+        world = np.asarray(affine, dtype=np.float64)
+    elif affine:
+        say("affine pre-alignment")
+        world = affine_align(fixed, moving, device=device, fixed_mask=fixed_mask, moving_mask=moving_mask)
+    else:
+        world = np.eye(4)
+    timings["affine_s"] = time.perf_counter() - start
+
+    fixed_norm = fixed.with_data(normalize_intensity(fixed.data, mask=fixed_mask.data if fixed_mask else None))
+    moving_norm = moving.with_data(normalize_intensity(moving.data, mask=moving_mask.data if moving_mask else None))
+    zero = torch.zeros((1, 3, *fixed.data.shape), device=device)
+    fixed_t = fixed_norm.tensor(device)
+    moving_t = sample_image(moving_norm, mapped_coordinates(fixed, moving_norm, world, zero), fixed).tensor(device)
+    field = zero
+
+    start = time.perf_counter()
+    if network is not None:
+        say("RWCNet")
+        with torch.no_grad():
+            field = network(fixed_t, moving_t).field
+    timings["network_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    if options is not None:
+        say(f"instance optimisation ({options.iterations} iterations)")
+        guide = {}
+        if label_guided and fixed_labels is not None and moving_labels is not None:
+            values = np.intersect1d(np.unique(fixed_labels.data), np.unique(moving_labels.data))
+            values = [int(v) for v in values if v != 0]
+            moving_on_fixed = sample_image(moving_labels, mapped_coordinates(fixed, moving_labels, world, zero),
+                                           fixed, labels=True)
+            guide = {
+                "fixed_labels": spatial.one_hot(fixed_labels.tensor(device, torch.int64), values),
+                "moving_labels": spatial.one_hot(moving_on_fixed.tensor(device, torch.int64), values),
+            }
+        if fixed_points is not None and moving_points is not None:
+            guide["fixed_keypoints"] = torch.as_tensor(fixed.grid.world_to_voxel(fixed_points), device=device).float()
+            aligned = np.linalg.inv(fixed.affine) @ np.linalg.inv(world)
+            guide["moving_keypoints"] = torch.as_tensor(
+                moving_points @ aligned[:3, :3].T + aligned[:3, 3], device=device).float()
+        field = instance_optimize(
+            fixed_t, moving_t, options, init_field=field if network is not None else None,
+            fixed_mask=fixed_mask.tensor(device) if fixed_mask else None,
+            spacing=torch.as_tensor(fixed.grid.spacing, device=device).float(), **guide,
+        )
+    timings["instance_optimization_s"] = time.perf_counter() - start
+
+    field = field.detach().float().cpu()
+    coords = mapped_coordinates(fixed, moving, world, field)
+    warped = sample_image(moving, coords, fixed)
+    result = Registration(fixed, moving, world, field, warped, timings=timings)
+    if moving_labels is not None:
+        result.warped_labels = sample_image(moving_labels, result.coordinates(moving_labels), fixed, labels=True)
+    if fixed_labels is not None and result.warped_labels is not None:
+        result.metrics = registration_metrics(
+            fixed_labels.data, result.warped_labels.data, field, spacing=fixed.grid.spacing)
+    return result
