@@ -8,7 +8,7 @@ anisotropic voxels are handled by going through world coordinates, never by "sam
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,12 @@ class Grid:
 
     shape: tuple[int, int, int]
     affine: np.ndarray
+
+    def __eq__(self, other: object) -> bool:
+        """Same shape and (to 1e-6 mm) the same affine; arrays never reach ``bool()``."""
+        if not isinstance(other, Grid):
+            return NotImplemented
+        return tuple(self.shape) == tuple(other.shape) and bool(np.allclose(self.affine, other.affine, atol=1e-6))
 
     @property
     def spacing(self) -> np.ndarray:
@@ -94,6 +100,8 @@ def load_image(path: PathLike, *, labels: bool = False) -> Image:
     affine = np.asarray(img.affine, dtype=np.float64)
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
+    if data.ndim == 4:
+        raise InputError(path, f"holds {data.shape[3]} volumes (shape {tuple(img.shape)}); expected one 3-D volume")
     if data.ndim != 3:
         raise InputError(path, f"expected a 3-D image, got shape {tuple(img.shape)}")
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
@@ -113,30 +121,53 @@ def load_image(path: PathLike, *, labels: bool = False) -> Image:
 
 
 def save_image(image: Image, path: PathLike, *, dtype: np.dtype | type | None = None) -> Path:
-    """Write ``image`` atomically (a temporary file renamed into place) as NIfTI or MGZ, by extension."""
+    """Write ``image`` atomically (a temporary file renamed into place) as NIfTI or MGZ, by extension.
+
+    Types the format cannot hold are narrowed: bool to uint8, 64-bit integers to int32 (values must
+    fit) and, for MGZ, float64 to float32.
+    """
     path = Path(path)
-    data = np.asarray(image.data if dtype is None else image.data.astype(dtype))
-    if path.name.endswith(".mgz"):
+    mgz = path.name.endswith((".mgz", ".mgh"))
+    data = _storable(np.asarray(image.data if dtype is None else image.data.astype(dtype)), mgz=mgz)
+    if mgz:
         img = nib.MGHImage(data, image.affine)
     else:
         img = nib.Nifti1Image(data, image.affine)
         img.set_qform(image.affine, code=1)
         img.set_sform(image.affine, code=1)
+        img.header.set_xyzt_units("mm")
     return write_atomically(img, path)
 
 
+def _storable(data: np.ndarray, *, mgz: bool) -> np.ndarray:
+    """``data`` in a type NIfTI (or MGZ) stores; see :func:`save_image`."""
+    if data.dtype == np.bool_:
+        return data.astype(np.uint8)
+    if np.issubdtype(data.dtype, np.integer) and data.dtype.itemsize == 8:
+        info = np.iinfo(np.int32)
+        if data.size and (data.min() < info.min or data.max() > info.max):
+            raise ValueError(f"integer values outside the int32 range cannot be saved ({data.dtype})")
+        return data.astype(np.int32)
+    if mgz and data.dtype == np.float64:
+        return data.astype(np.float32)
+    return data
+
+
 def write_atomically(img: nib.spatialimages.SpatialImage, path: PathLike) -> Path:
-    """Save a nibabel image to a temporary file beside ``path``, then rename it into place."""
+    """Save a nibabel image to a temporary file beside ``path``, then rename it into place.
+
+    The temporary file is created by nibabel, so the result has the usual (umask) permissions; on
+    failure it is removed and an existing ``path`` is left untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp{suffix}"
     try:
         nib.save(img, tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -152,7 +183,9 @@ def resample(
 
     ``world_matrix`` (4x4, RAS mm) maps a world point of ``grid`` to the world point of ``image`` it
     takes its value from (identity by default). Linear interpolation for intensities, nearest
-    neighbour for label maps (``labels=True``); outside the image the value is 0.
+    neighbour for label maps (``labels=True``). Outside the image the value is 0: a label keeps its
+    voxel's full extent (half a voxel beyond the edge centres), an intensity fades to 0 one voxel
+    beyond them, and points on the edge centres keep their value despite rounding.
     """
     world = np.eye(4) if world_matrix is None else np.asarray(world_matrix, dtype=np.float64)
     voxel_map = np.linalg.inv(image.affine) @ world @ grid.affine
@@ -162,7 +195,7 @@ def resample(
         voxel_map[:3, 3],
         output_shape=grid.shape,
         order=0 if labels else 1,
-        mode="constant",
+        mode="grid-constant",
         cval=0,
     )
     return Image(data, grid.affine.copy(), image.path)

@@ -129,8 +129,10 @@ def jacobian_determinant(field: Tensor) -> Tensor:
 def invert_field(field: Tensor, iterations: int = 30) -> Tensor:
     """Inverse displacement by fixed-point iteration ``v(x) = -field(x + v(x))``.
 
-    ``compose(field, invert_field(field))`` and ``compose(invert_field(field), field)`` are close to zero
-    where the mapping is invertible and stays inside the grid.
+    ``compose(invert_field(field), field)`` is what the iteration drives to zero; it converges like
+    ``|grad field| ** iterations``, so 30 iterations suit fields with ``|grad field|`` up to about 0.6.
+    ``compose(field, invert_field(field))`` is also close to zero, up to trilinear interpolation error
+    (a few hundredths of a voxel for smooth fields), where the mapping stays inside the grid.
     """
     inverse = -field
     for _ in range(iterations):

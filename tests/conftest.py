@@ -1,0 +1,46 @@
+"""Shared fixtures: small smooth random displacement fields and synthetic volumes (deterministic)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+
+def _smooth_noise(shape: Sequence[int], channels: int, sigma: float, seed: int) -> np.ndarray:
+    """``channels`` Gaussian-smoothed white-noise volumes of ``shape``, each with zero mean and max |value| 1."""
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal((channels, *shape))
+    smooth = np.stack([ndimage.gaussian_filter(c, sigma, mode="wrap") for c in noise])
+    smooth -= smooth.mean(axis=(1, 2, 3), keepdims=True)
+    return smooth / np.abs(smooth).max(axis=(1, 2, 3), keepdims=True)
+
+
+@pytest.fixture
+def smooth_field() -> Callable[..., torch.Tensor]:
+    """Factory ``smooth_field(shape, amplitude=2.0, sigma=None, seed=0)``: a ``(1, 3, X, Y, Z)`` float32
+    displacement field in voxels whose channels each peak at ``amplitude``; ``sigma`` (voxels, default
+    ``min(shape) / 6``) sets its smoothness, so ``|grad u|`` is roughly ``amplitude / (2 sigma)``."""
+
+    def make(shape: Sequence[int], amplitude: float = 2.0, sigma: float | None = None, seed: int = 0) -> torch.Tensor:
+        sigma = min(shape) / 6 if sigma is None else sigma
+        field = amplitude * _smooth_noise(shape, 3, sigma, seed)
+        return torch.from_numpy(field.astype(np.float32))[None]
+
+    return make
+
+
+@pytest.fixture
+def smooth_volume() -> Callable[..., torch.Tensor]:
+    """Factory ``smooth_volume(shape, sigma=None, seed=0)``: a ``(1, 1, X, Y, Z)`` float32 image with values
+    in ``[0, 1]`` (smoothed noise; ``sigma`` in voxels, default ``min(shape) / 8``)."""
+
+    def make(shape: Sequence[int], sigma: float | None = None, seed: int = 0) -> torch.Tensor:
+        sigma = min(shape) / 8 if sigma is None else sigma
+        volume = (_smooth_noise(shape, 1, sigma, seed) + 1.0) / 2.0
+        return torch.from_numpy(volume.astype(np.float32))[None]
+
+    return make
