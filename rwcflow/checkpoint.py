@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from safetensors.torch import save_file
 
 from rwcflow import __version__
 from rwcflow.errors import ModelFileError
+from rwcflow.io import atomic_write
 from rwcflow.models import RWCNet, RWCNetConfig
 
 FORMAT = "rwcflow-model"
@@ -32,8 +32,6 @@ _fallback_announced = False
 
 def save_model(model: RWCNet, path: str | os.PathLike, *, provenance: dict | None = None) -> Path:
     """Write ``model`` (weights, config, format version, provenance) to ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -41,15 +39,7 @@ def save_model(model: RWCNet, path: str | os.PathLike, *, provenance: dict | Non
         "provenance": json.dumps({"rwcflow_version": __version__, **(provenance or {})}),
     }
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def read_metadata(path: str | os.PathLike) -> dict:

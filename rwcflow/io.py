@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,23 +153,29 @@ def _storable(data: np.ndarray, *, mgz: bool) -> np.ndarray:
     return data
 
 
-def write_atomically(img: nib.spatialimages.SpatialImage, path: PathLike) -> Path:
-    """Save a nibabel image to a temporary file beside ``path``, then rename it into place.
+def atomic_write(path: PathLike, writer: Callable[[Path], object]) -> Path:
+    """Run ``writer(tmp)`` on a temporary file beside ``path``, then rename it into place.
 
-    The temporary file is created by nibabel, so the result has the usual (umask) permissions; on
-    failure it is removed and an existing ``path`` is left untouched.
+    The temporary name keeps ``path``'s extension (writers choose formats by it); the file is created by
+    the writer, so it gets the usual (umask) permissions. On failure it is removed and an existing
+    ``path`` is left untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp{suffix}"
     try:
-        nib.save(img, tmp)
+        writer(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_atomically(img: nib.spatialimages.SpatialImage, path: PathLike) -> Path:
+    """Save a nibabel image to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: nib.save(img, tmp))
 
 
 def resample(

@@ -22,8 +22,6 @@ In memory every quantity is RAS+ mm, as nibabel and :mod:`rwcflow.io` have it.
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 
 import nibabel as nib
@@ -33,7 +31,7 @@ from scipy.io import loadmat
 
 from rwcflow import spatial
 from rwcflow.errors import InputError
-from rwcflow.io import Grid, Image, PathLike, write_atomically
+from rwcflow.io import Grid, Image, PathLike, atomic_write, write_atomically
 
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _RAS_TO_LPS = _LPS[:3, :3].diagonal()
@@ -149,7 +147,7 @@ def write_affine(path: PathLike, matrix_ras: np.ndarray) -> Path:
         f"{_ITK_BANNER}\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
         f"Parameters: {numbers}\nFixedParameters: 0 0 0\n"
     )
-    return _write_text_atomically(text, path)
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def read_affine(path: PathLike) -> np.ndarray:
@@ -203,16 +201,3 @@ def _read_mat_affine(path: Path) -> tuple[str, np.ndarray, np.ndarray]:
     if len(kinds) != 1 or "fixed" not in contents:
         raise InputError(path, f"expected one transform and its 'fixed' centre, found {sorted(contents)}")
     return kinds[0], np.ravel(contents[kinds[0]]).astype(np.float64), np.ravel(contents["fixed"]).astype(np.float64)
-
-
-def _write_text_atomically(text: str, path: Path) -> Path:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place (as :func:`write_atomically`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
