@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from rwcflow import spatial, transforms
+from rwcflow.transforms import mapped_coordinates, sample_image
 from rwcflow.affine import affine_align
 from rwcflow.checkpoint import resolve_model
 from rwcflow.errors import InputError
-from rwcflow.io import Image, load_image, normalize_intensity
+from rwcflow.io import Grid, Image, load_image, normalize_intensity
 from rwcflow.metrics import registration_metrics
 from rwcflow.models import RWCNet
 from rwcflow.optimize import InstanceOptimization, instance_optimize
@@ -53,12 +54,12 @@ class Registration:
 
     def coordinates(self, image: Image) -> torch.Tensor:
         """Voxel coordinates in ``image`` (any grid in moving world space) of every fixed voxel, ``(1, 3, X, Y, Z)``."""
-        return mapped_coordinates(self.fixed, image, self.affine, self.field)
+        return mapped_coordinates(self.fixed.grid, image.grid, self.affine, self.field)
 
     def apply(self, image: ImageLike, *, labels: bool = False) -> Image:
         """Resample an image in moving space (any grid) onto the fixed grid through the whole mapping."""
         image = image if isinstance(image, Image) else load_image(image, labels=labels)
-        return sample_image(image, self.coordinates(image), self.fixed, labels=labels)
+        return sample_image(image, self.coordinates(image), self.fixed.grid, labels=labels)
 
     def world_displacement(self) -> np.ndarray:
         """The whole fixed→moving mapping as RAS-mm displacements ``(X, Y, Z, 3)`` on the fixed grid."""
@@ -82,23 +83,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device", "CUDA was asked for but no CUDA device is available")
     return device
-
-
-def mapped_coordinates(fixed: Image, image: Image, affine: np.ndarray, field: torch.Tensor) -> torch.Tensor:
-    """Voxel coordinates in ``image`` of ``affine · F(x + field(x))`` for every fixed voxel ``x``."""
-    voxel_map = np.linalg.inv(image.affine) @ affine @ fixed.affine
-    matrix = torch.as_tensor(voxel_map, dtype=field.dtype, device=field.device)
-    points = spatial.identity_grid(fixed.data.shape, device=field.device, dtype=field.dtype) + field
-    return torch.einsum("ij,bjxyz->bixyz", matrix[:3, :3], points) + matrix[:3, 3].view(1, 3, 1, 1, 1)
-
-
-def sample_image(image: Image, coords: torch.Tensor, target: Image, *, labels: bool = False) -> Image:
-    """``image`` sampled at voxel ``coords`` (zero outside), as an image on ``target``'s grid."""
-    values = image.tensor(coords.device, torch.float32)
-    mode = "nearest" if labels else "bilinear"
-    out = spatial.sample(values, coords.float(), mode=mode, padding_mode="zeros")[0, 0].cpu().numpy()
-    data = np.rint(out).astype(np.int32) if labels else out.astype(np.float32)
-    return Image(data, target.affine.copy(), image.path)
 
 
 def _as_image(value: ImageLike | None, *, labels: bool = False) -> Image | None:
@@ -188,11 +172,14 @@ def register(
         world = np.eye(4)
     timings["affine_s"] = time.perf_counter() - start
 
-    fixed_norm = fixed.with_data(normalize_intensity(fixed.data, mask=fixed_mask.data if fixed_mask else None))
-    moving_norm = moving.with_data(normalize_intensity(moving.data, mask=moving_mask.data if moving_mask else None))
+    def on_fixed_grid(image: Image, field: torch.Tensor, labels: bool = False) -> Image:
+        coords = mapped_coordinates(fixed.grid, image.grid, world, field)
+        return sample_image(image, coords, fixed.grid, labels=labels)
+
     zero = torch.zeros((1, 3, *fixed.data.shape), device=device)
-    fixed_t = fixed_norm.tensor(device)
-    moving_t = sample_image(moving_norm, mapped_coordinates(fixed, moving_norm, world, zero), fixed).tensor(device)
+    fixed_t = fixed.with_data(normalize_intensity(fixed.data, mask=_data(fixed_mask))).tensor(device)
+    moving_norm = moving.with_data(normalize_intensity(moving.data, mask=_data(moving_mask)))
+    moving_t = on_fixed_grid(moving_norm, zero).tensor(device)
     field = zero
 
     start = time.perf_counter()
@@ -204,36 +191,35 @@ def register(
 
     start = time.perf_counter()
     if options is not None:
-        say(f"instance optimisation ({options.iterations} iterations)")
+        say(f"instance optimisation ({options.iterations} iterations per level)")
         guide = {}
         if label_guided and fixed_labels is not None and moving_labels is not None:
-            values = np.intersect1d(np.unique(fixed_labels.data), np.unique(moving_labels.data))
-            values = [int(v) for v in values if v != 0]
-            moving_on_fixed = sample_image(moving_labels, mapped_coordinates(fixed, moving_labels, world, zero),
-                                           fixed, labels=True)
-            guide = {
-                "fixed_labels": spatial.one_hot(fixed_labels.tensor(device, torch.int64), values),
-                "moving_labels": spatial.one_hot(moving_on_fixed.tensor(device, torch.int64), values),
-            }
+            values = [int(v) for v in np.intersect1d(fixed_labels.data, moving_labels.data) if v != 0]
+            guide["fixed_labels"] = spatial.one_hot(fixed_labels.tensor(device, torch.int64), values)
+            guide["moving_labels"] = spatial.one_hot(
+                on_fixed_grid(moving_labels, zero, labels=True).tensor(device, torch.int64), values)
         if fixed_points is not None and moving_points is not None:
+            # moving keypoints in voxels of the fixed grid once the affine is applied
+            aligned = Grid(fixed.grid.shape, world @ fixed.affine)
             guide["fixed_keypoints"] = torch.as_tensor(fixed.grid.world_to_voxel(fixed_points), device=device).float()
-            aligned = np.linalg.inv(fixed.affine) @ np.linalg.inv(world)
-            guide["moving_keypoints"] = torch.as_tensor(
-                moving_points @ aligned[:3, :3].T + aligned[:3, 3], device=device).float()
+            guide["moving_keypoints"] = torch.as_tensor(aligned.world_to_voxel(moving_points), device=device).float()
         field = instance_optimize(
             fixed_t, moving_t, options, init_field=field if network is not None else None,
             fixed_mask=fixed_mask.tensor(device) if fixed_mask else None,
-            spacing=torch.as_tensor(fixed.grid.spacing, device=device).float(), **guide,
+            spacing=fixed.grid.spacing, **guide,
         )
     timings["instance_optimization_s"] = time.perf_counter() - start
 
-    field = field.detach().float().cpu()
-    coords = mapped_coordinates(fixed, moving, world, field)
-    warped = sample_image(moving, coords, fixed)
-    result = Registration(fixed, moving, world, field, warped, timings=timings)
+    field = field.detach().float()
+    result = Registration(fixed, moving, world, field.cpu(), on_fixed_grid(moving, field), timings=timings)
     if moving_labels is not None:
-        result.warped_labels = sample_image(moving_labels, result.coordinates(moving_labels), fixed, labels=True)
+        result.warped_labels = on_fixed_grid(moving_labels, field, labels=True)
     if fixed_labels is not None and result.warped_labels is not None:
         result.metrics = registration_metrics(
-            fixed_labels.data, result.warped_labels.data, field, spacing=fixed.grid.spacing)
+            result.field, fixed_labels.data, result.warped_labels.data, fixed.grid.spacing,
+            moving_labels=moving_labels.data)
     return result
+
+
+def _data(image: Image | None) -> np.ndarray | None:
+    return None if image is None else image.data

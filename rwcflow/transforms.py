@@ -85,17 +85,34 @@ def compose_world_displacement(
     return world_displacement(coords, fixed_grid, aligned)
 
 
-def apply_displacement(image: Image, disp_ras_mm: np.ndarray, grid: Grid, *, labels: bool = False) -> Image:
-    """``image`` (any grid) sampled at ``p + d(p)`` for every voxel ``p`` of ``grid``, as an image on ``grid``.
+def mapped_coordinates(fixed_grid: Grid, image_grid: Grid, world_matrix: np.ndarray, field: torch.Tensor) -> torch.Tensor:
+    """Voxel coordinates in ``image_grid`` of ``M · F(x + u(x))`` for every fixed voxel ``x``, ``(1, 3, X, Y, Z)``.
+
+    Computed in torch on ``field``'s device (the GPU path of :func:`rwcflow.register.register`).
+    """
+    voxel_map = np.linalg.inv(image_grid.affine) @ np.asarray(world_matrix, dtype=np.float64) @ fixed_grid.affine
+    matrix = torch.as_tensor(voxel_map, dtype=field.dtype, device=field.device)
+    points = spatial.identity_grid(fixed_grid.shape, device=field.device, dtype=field.dtype) + field
+    return torch.einsum("ij,bjxyz->bixyz", matrix[:3, :3], points) + matrix[:3, 3].view(1, 3, 1, 1, 1)
+
+
+def sample_image(image: Image, coords: torch.Tensor, grid: Grid, *, labels: bool = False) -> Image:
+    """``image`` sampled at its voxel coordinates ``coords`` ``(1, 3, X, Y, Z)``, as an image on ``grid``.
 
     Linear interpolation, or nearest neighbour for ``labels=True`` (integer values kept); 0 outside.
     """
-    points = grid.voxel_to_world(_voxel_centres(grid.shape)) + np.asarray(disp_ras_mm, dtype=np.float64)
-    coords = torch.from_numpy(np.moveaxis(image.grid.world_to_voxel(points), -1, 0)[None].astype(np.float32))
+    values = image.tensor(coords.device, torch.float32)
     mode = "nearest" if labels else "bilinear"
-    out = spatial.sample(image.tensor(), coords, mode=mode, padding_mode="zeros")[0, 0].numpy()
+    out = spatial.sample(values, coords.float(), mode=mode, padding_mode="zeros")[0, 0].cpu().numpy()
     data = np.rint(out).astype(image.data.dtype) if labels else out
     return Image(data, grid.affine.copy(), image.path)
+
+
+def apply_displacement(image: Image, disp_ras_mm: np.ndarray, grid: Grid, *, labels: bool = False) -> Image:
+    """``image`` (any grid) sampled at ``p + d(p)`` for every voxel ``p`` of ``grid``, as an image on ``grid``."""
+    points = grid.voxel_to_world(_voxel_centres(grid.shape)) + np.asarray(disp_ras_mm, dtype=np.float64)
+    coords = torch.from_numpy(np.moveaxis(image.grid.world_to_voxel(points), -1, 0)[None].astype(np.float32))
+    return sample_image(image, coords, grid, labels=labels)
 
 
 def write_displacement_field(path: PathLike, disp_ras_mm: np.ndarray, grid: Grid) -> Path:
