@@ -91,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose:
         for path in written:
             print(path)
+        print("time: " + ", ".join(f"{name[:-2]} {seconds:.1f} s" for name, seconds in result.timings.items()))
     if result.metrics is not None:
         print(f"Dice {result.metrics['dice_mean']:.3f}  folding {result.metrics['folding_percent']:.3f} %")
     return 0

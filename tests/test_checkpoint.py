@@ -1,0 +1,106 @@
+"""Model files: round trip, safe loading, and one clear error per kind of bad file."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from rwcflow import checkpoint
+from rwcflow.errors import ModelFileError
+from rwcflow.models import RWCNet, RWCNetConfig
+
+
+@pytest.fixture
+def tiny_model() -> RWCNet:
+    torch.manual_seed(0)
+    return RWCNet(RWCNetConfig.tiny()).eval()
+
+
+def test_round_trip_gives_the_same_network(tmp_path, tiny_model, smooth_volume):
+    path = checkpoint.save_model(tiny_model, tmp_path / "model.safetensors", provenance={"data": "unit test"})
+    loaded = checkpoint.load_model(path)
+    assert loaded.config == tiny_model.config
+    assert loaded.provenance["data"] == "unit test"
+    assert "rwcflow_version" in loaded.provenance
+    fixed, moving = smooth_volume((24, 20, 16), seed=1), smooth_volume((24, 20, 16), seed=2)
+    with torch.no_grad():
+        expected = tiny_model(fixed, moving).field
+        got = loaded(fixed, moving).field
+    assert torch.equal(expected, got)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "temporary file left behind"
+
+
+def test_metadata_records_format_and_config(tmp_path, tiny_model):
+    path = checkpoint.save_model(tiny_model, tmp_path / "model.safetensors")
+    metadata = checkpoint.read_metadata(path)
+    assert RWCNetConfig.from_dict(metadata["config"]) == tiny_model.config
+
+
+def _write_safetensors(path, tensors, metadata):
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def _bad_files(tmp_path, tiny_model):
+    good = checkpoint.save_model(tiny_model, tmp_path / "good.safetensors")
+    state = {k: v.contiguous() for k, v in tiny_model.state_dict().items()}
+    config = json.dumps(tiny_model.config.to_dict())
+    other = RWCNetConfig.tiny(hidden_channels=8)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    pickled = tmp_path / "pickled.pt"
+    torch.save(tiny_model.state_dict(), pickled)
+    return {
+        "missing": (tmp_path / "absent.safetensors", "not found"),
+        "text": (_text(tmp_path / "notes.safetensors"), "not a readable safetensors"),
+        "truncated": (truncated, "not a readable safetensors"),
+        "pickle": (pickled, "not a readable safetensors"),
+        "foreign": (_write_safetensors(tmp_path / "foreign.safetensors", state, {"framework": "x"}),
+                    "not an rwcflow model file"),
+        "version": (_write_safetensors(tmp_path / "version.safetensors", state,
+                                       {"format": "rwcflow-model", "format_version": "99", "config": config}),
+                    "format version '99' is not supported"),
+        "bad config": (_write_safetensors(tmp_path / "config.safetensors", state,
+                                          {"format": "rwcflow-model", "format_version": "1",
+                                           "config": json.dumps({"no_such_key": 1})}),
+                       "config is not valid"),
+        "mismatch": (_write_safetensors(tmp_path / "mismatch.safetensors", state,
+                                        {"format": "rwcflow-model", "format_version": "1",
+                                         "config": json.dumps(other.to_dict())}),
+                     "do not match the network"),
+    }
+
+
+def _text(path):
+    path.write_text("this is not a model\n")
+    return path
+
+
+def test_bad_model_files_give_one_clear_line(tmp_path, tiny_model):
+    for name, (path, problem) in _bad_files(tmp_path, tiny_model).items():
+        with pytest.raises(ModelFileError) as info:
+            checkpoint.load_model(path)
+        message = str(info.value)
+        assert message.startswith(str(path)), name
+        assert problem in message, (name, message)
+        assert "\n" not in message, name
+
+
+def test_resolve_model_spellings(tmp_path, tiny_model, caplog, monkeypatch):
+    assert checkpoint.resolve_model(None) is None
+    assert checkpoint.resolve_model("none") is None
+    assert checkpoint.resolve_model(tiny_model) is tiny_model
+    path = checkpoint.save_model(tiny_model, tmp_path / "m.safetensors")
+    assert isinstance(checkpoint.resolve_model(str(path)), RWCNet)
+    if checkpoint.default_model_path() is None:
+        monkeypatch.setattr(checkpoint, "_fallback_announced", False)
+        with caplog.at_level(logging.WARNING, logger="rwcflow.checkpoint"):
+            assert checkpoint.resolve_model("default") is None
+            assert checkpoint.resolve_model("default") is None
+        assert sum("instance optimisation alone" in r.message for r in caplog.records) == 1
+    else:
+        assert isinstance(checkpoint.resolve_model("default"), RWCNet)
