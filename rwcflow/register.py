@@ -186,7 +186,7 @@ def register(
     if network is not None:
         say("RWCNet")
         with torch.no_grad():
-            field = network(fixed_t, moving_t).field
+            field = network(fixed_t, moving_t, return_hidden=False).field
     timings["network_s"] = time.perf_counter() - start
 
     start = time.perf_counter()

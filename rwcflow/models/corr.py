@@ -1,0 +1,78 @@
+"""Local correlation cost volume: feature distances for every displacement in a cube of search offsets.
+
+Channel ``k`` of the volume holds, at fixed voxel ``x``, the mean over feature channels of
+``|fixed(x) - moving(x + d_k)|`` for the ``k``-th offset ``d_k`` of :func:`search_offsets`, averaged
+over the 3x3x3 voxels around ``x`` (a box filter with zero padding, as the reference RWCNet). Low cost
+means a good match: a moving image that matches the fixed image after a displacement ``u``
+(``moving(x + u) = fixed(x)``, the convention of :mod:`rwcflow.spatial`) has its minimum at ``d = u``.
+
+The volume is built one offset at a time, and its gradient likewise, so memory stays at the size of
+the output plus one feature map, never ``(2r+1)^3`` feature maps.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+Tensor = torch.Tensor
+
+
+def search_offsets(radius: int) -> list[tuple[int, int, int]]:
+    """The ``(2r+1)^3`` integer offsets ``(di, dj, dk)`` in channel order (the last axis varies fastest)."""
+    steps = range(-radius, radius + 1)
+    return list(itertools.product(steps, steps, steps))
+
+
+def _windows(padded: Tensor, radius: int):
+    """Index of the ``radius``-padded moving features shifted by each offset, on the unpadded grid."""
+    shape = [n - 2 * radius for n in padded.shape[2:]]
+    for offset in search_offsets(radius):
+        yield (..., *(slice(radius + d, radius + d + n) for d, n in zip(offset, shape)))
+
+
+def _box(volume: Tensor) -> Tensor:
+    """3x3x3 mean with zero padding; a symmetric convolution, hence its own adjoint."""
+    return F.avg_pool3d(volume, 3, stride=1, padding=1)
+
+
+class _CostVolume(torch.autograd.Function):
+    """``cost[:, k] = box(mean_c |fixed - padded[window_k]|)``, forward and backward one offset at a time."""
+
+    @staticmethod
+    def forward(ctx, fixed: Tensor, padded: Tensor, radius: int) -> Tensor:
+        ctx.save_for_backward(fixed, padded)
+        ctx.radius = radius
+        cost = fixed.new_empty((fixed.shape[0], (2 * radius + 1) ** 3, *fixed.shape[2:]))
+        for k, window in enumerate(_windows(padded, radius)):
+            cost[:, k : k + 1] = _box((fixed - padded[window]).abs_().mean(dim=1, keepdim=True))
+        return cost
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_cost: Tensor):
+        fixed, padded = ctx.saved_tensors
+        grad_fixed = torch.zeros_like(fixed) if ctx.needs_input_grad[0] else None
+        grad_padded = torch.zeros_like(padded) if ctx.needs_input_grad[1] else None
+        for k, window in enumerate(_windows(padded, ctx.radius)):
+            grad_mean = _box(grad_cost[:, k : k + 1]) / fixed.shape[1]
+            grad = (fixed - padded[window]).sign_().mul_(grad_mean)
+            if grad_fixed is not None:
+                grad_fixed += grad
+            if grad_padded is not None:
+                grad_padded[window] -= grad
+        return grad_fixed, grad_padded, None
+
+
+def correlation(fixed_features: Tensor, moving_features: Tensor, radius: int) -> Tensor:
+    """Cost volume ``(B, (2r+1)^3, X, Y, Z)`` between features ``(B, C, X, Y, Z)`` on one grid.
+
+    Outside the grid the moving features repeat their edge values. Differentiable in both inputs.
+    """
+    if fixed_features.shape != moving_features.shape:
+        raise ValueError(f"feature shapes differ: {tuple(fixed_features.shape)} vs {tuple(moving_features.shape)}")
+    padded = F.pad(moving_features, (radius,) * 6, mode="replicate") if radius else moving_features
+    return _CostVolume.apply(fixed_features, padded, radius)

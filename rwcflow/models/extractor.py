@@ -1,0 +1,57 @@
+"""Feature and context encoders: MONAI ``SegResNet`` encoder-decoders at the resolution of their input."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import SegResNet
+from torch import nn
+
+from rwcflow.models.config import RWCNetConfig
+
+Tensor = torch.Tensor
+
+
+class Encoder(nn.Module):
+    """A ``SegResNet`` mapping ``(B, in, X, Y, Z)`` to ``(B, out, X, Y, Z)`` for any ``X, Y, Z``.
+
+    Inputs are padded (edge values repeated) at the far end of each axis to the multiple of
+    ``2 ** (levels - 1)`` that the network's downsamplings need, and the output is cropped back.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, config: RWCNetConfig, *, dropout: float = 0.0):
+        super().__init__()
+        self.net = SegResNet(
+            spatial_dims=3,
+            init_filters=config.encoder_filters,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            dropout_prob=dropout or None,
+            blocks_down=config.encoder_blocks_down,
+            blocks_up=config.encoder_blocks_up,
+        )
+        self.multiple = 2 ** (len(config.encoder_blocks_down) - 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape[2:]
+        pad = [-n % self.multiple for n in shape]
+        if any(pad):
+            x = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]), mode="replicate")
+        return self.net(x)[..., : shape[0], : shape[1], : shape[2]]
+
+
+class FeatureEncoder(Encoder):
+    """Features of one image ``(B, 1, X, Y, Z)``: ``(B, feature_channels, X, Y, Z)``, with the config's dropout."""
+
+    def __init__(self, config: RWCNetConfig):
+        super().__init__(1, config.feature_channels, config, dropout=config.dropout)
+
+
+class ContextEncoder(Encoder):
+    """The GRU's initial hidden state from the initial field and the moving image warped by it, in ``(-1, 1)``."""
+
+    def __init__(self, config: RWCNetConfig):
+        super().__init__(4, config.hidden_channels, config)
+
+    def forward(self, field: Tensor, warped_moving: Tensor) -> Tensor:
+        return torch.tanh(super().forward(torch.cat([field, warped_moving], dim=1)))
