@@ -10,6 +10,15 @@ import torch
 from scipy import ndimage
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Test tensors are small: one torch thread is as fast, and cannot thrash on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _smooth_noise(shape: Sequence[int], channels: int, sigma: float, seed: int) -> np.ndarray:
     """``channels`` Gaussian-smoothed white-noise volumes of ``shape``, each with zero mean and max |value| 1."""
     rng = np.random.default_rng(seed)

@@ -34,15 +34,6 @@ def grid_around(points: np.ndarray, spacing, directions: np.ndarray = RAS, margi
     return Grid(shape, affine)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tensors here are small: one torch thread is as fast, and cannot thrash on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def mni():
     """The MNI152 T1 at 2 mm (head), its brain mask, and the world points of the brain voxels."""

@@ -26,15 +26,6 @@ from rwcflow.models import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine thread synchronisation dominates."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tiny(**changes) -> RWCNet:
     torch.manual_seed(0)
     return RWCNet(RWCNetConfig.tiny(**changes))
