@@ -41,19 +41,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--io-iters", type=int, default=None,
                         help="instance-optimisation iterations (0 turns it off; default: rwcflow's default)")
     parser.add_argument("--no-affine", action="store_true", help="skip the affine pre-alignment")
+    parser.add_argument("--separate-affine", action="store_true",
+                        help="xfm.nii.gz holds the deformable part only, to be applied after affine.txt "
+                             "(antsApplyTransforms -t affine.txt -t xfm.nii.gz)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("-v", "--verbose", action="store_true", help="say what is happening")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 
-def write_outputs(result: Registration, out_dir: Path) -> list[Path]:
+def write_outputs(result: Registration, out_dir: Path, *, include_affine: bool = True) -> list[Path]:
     """Write every output into a temporary folder in ``out_dir``, then move them into place."""
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".rwcflow-", dir=out_dir))
     try:
         save_image(result.warped, staging / "warped.nii.gz")
-        result.write_transforms(staging)
+        result.write_transforms(staging, include_affine=include_affine)
         if result.warped_labels is not None:
             save_image(result.warped_labels, staging / "warped_labels.nii.gz")
         if result.metrics is not None:
@@ -84,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fixed_mask=args.fixed_mask, moving_mask=args.moving_mask,
             fixed_labels=args.fixed_labels, moving_labels=args.moving_labels,
         )
-        written = write_outputs(result, args.out_dir)
+        written = write_outputs(result, args.out_dir, include_affine=not args.separate_affine)
     except RwcflowError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

@@ -61,16 +61,25 @@ class Registration:
         image = image if isinstance(image, Image) else load_image(image, labels=labels)
         return sample_image(image, self.coordinates(image), self.fixed.grid, labels=labels)
 
-    def world_displacement(self) -> np.ndarray:
-        """The whole fixed→moving mapping as RAS-mm displacements ``(X, Y, Z, 3)`` on the fixed grid."""
-        return transforms.compose_world_displacement(self.fixed.grid, self.affine, self.field)
+    def world_displacement(self, *, include_affine: bool = True) -> np.ndarray:
+        """The fixed→moving mapping as RAS-mm displacements ``(X, Y, Z, 3)`` on the fixed grid.
+
+        With ``include_affine=False``, the deformable part alone (``p -> F(x + u(x))``), to be followed
+        by the affine: ANTs' ``-t affine.txt -t field.nii.gz``.
+        """
+        world = self.affine if include_affine else np.eye(4)
+        return transforms.compose_world_displacement(self.fixed.grid, world, self.field)
 
     def write_transforms(self, out_dir: str | os.PathLike, *, xfm: str = "xfm.nii.gz",
-                         affine: str = "affine.txt") -> dict[str, Path]:
-        """Write ``xfm`` (ITK displacement field, affine included) and ``affine`` (ITK text) into ``out_dir``."""
+                         affine: str = "affine.txt", include_affine: bool = True) -> dict[str, Path]:
+        """Write ``xfm`` (ITK displacement field) and ``affine`` (ITK text transform) into ``out_dir``.
+
+        ``xfm`` holds the whole mapping, affine included, unless ``include_affine=False``.
+        """
         out_dir = Path(out_dir)
+        field = self.world_displacement(include_affine=include_affine)
         return {
-            "xfm": transforms.write_displacement_field(out_dir / xfm, self.world_displacement(), self.fixed.grid),
+            "xfm": transforms.write_displacement_field(out_dir / xfm, field, self.fixed.grid),
             "affine": transforms.write_affine(out_dir / affine, self.affine),
         }
 

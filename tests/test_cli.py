@@ -8,7 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from nitransforms import nonlinear
+from nitransforms import linear, nonlinear
+from nitransforms.manip import TransformChain
 from nitransforms.resampling import apply
 
 from rwcflow import checkpoint, cli
@@ -48,7 +49,7 @@ def _args(files, out, **changes):
               "--model": "none", "--io-iters": "2", **changes}
     args = []
     for key, value in values.items():
-        args += [key, str(value)]
+        args += [key] if value is None else [key, str(value)]
     return args
 
 
@@ -145,3 +146,14 @@ def test_singleton_fourth_axis_is_accepted(pair_files, tmp_path):
     path = tmp_path / "fixed4d.nii.gz"
     nib.save(nib.Nifti1Image(fixed.get_fdata()[..., None].astype(np.float32), fixed.affine), path)
     assert cli.main(_args(pair_files, tmp_path / "out", **{"--fixed": path})) == 0
+
+
+def test_separate_affine_chain_equals_the_composed_field(pair_files, tmp_path):
+    separate, combined = tmp_path / "separate", tmp_path / "combined"
+    assert cli.main(_args(pair_files, separate, **{"--separate-affine": None})) == 0
+    assert cli.main(_args(pair_files, combined)) == 0
+    chain = TransformChain([nonlinear.load(str(separate / "xfm.nii.gz"), fmt="itk"),
+                            linear.load(str(separate / "affine.txt"), fmt="itk")])
+    whole, grid = read_displacement_field(combined / "xfm.nii.gz")
+    points = grid.voxel_to_world(np.moveaxis(np.indices(grid.shape), 0, -1)).reshape(-1, 3)
+    np.testing.assert_allclose(chain.map(points), points + whole.reshape(-1, 3), atol=1e-3)
