@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from nilearn import datasets
+from scipy.spatial.transform import Rotation
 
 from rwcflow import spatial, transforms
 from rwcflow.io import Grid, Image, resample, save_image
@@ -75,12 +76,8 @@ def mni152_brain(resolution_mm: float = 2.0, margin_mm: float = 4.0) -> tuple[Im
 
 def rigid_matrix(angles_deg: Sequence[float], shift_mm: Sequence[float], centre: np.ndarray) -> np.ndarray:
     """A 4x4 world rotation (x, y, z Euler angles in degrees) about ``centre``, then a shift."""
-    ax, ay, az = np.deg2rad(angles_deg)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
     matrix = np.eye(4)
-    matrix[:3, :3] = rz @ ry @ rx
+    matrix[:3, :3] = Rotation.from_euler("xyz", angles_deg, degrees=True).as_matrix()
     matrix[:3, 3] = centre - matrix[:3, :3] @ centre + np.asarray(shift_mm)
     return matrix
 

@@ -81,12 +81,8 @@ class Image:
         return torch.as_tensor(np.ascontiguousarray(self.data), device=device).to(dtype)[None, None]
 
 
-def load_image(path: PathLike, *, labels: bool = False) -> Image:
-    """Load a NIfTI or MGZ volume, checking it is usable; errors name the file and the problem.
-
-    A 4-D image with a singleton fourth axis is squeezed; several volumes, NaNs or an all-zero image are
-    refused. ``labels=True`` keeps integer label values (and refuses non-integer values).
-    """
+def read_nibabel(path: PathLike, what: str = "NIfTI/MGZ image") -> tuple[nib.spatialimages.SpatialImage, np.ndarray]:
+    """Open ``path`` with nibabel and read its data; an InputError names the file if that fails."""
     path = Path(path)
     if not path.exists():
         raise InputError(path, "file not found")
@@ -94,9 +90,19 @@ def load_image(path: PathLike, *, labels: bool = False) -> Image:
         raise InputError(path, "is a folder, not an image file")
     try:
         img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
+        return img, np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for unreadable files
-        raise InputError(path, f"not a readable NIfTI/MGZ image ({type(exc).__name__})") from None
+        raise InputError(path, f"not a readable {what} ({type(exc).__name__})") from None
+
+
+def load_image(path: PathLike, *, labels: bool = False) -> Image:
+    """Load a NIfTI or MGZ volume, checking it is usable; errors name the file and the problem.
+
+    A 4-D image with a singleton fourth axis is squeezed; several volumes, NaNs or an all-zero image are
+    refused. ``labels=True`` keeps integer label values (and refuses non-integer values).
+    """
+    path = Path(path)
+    img, data = read_nibabel(path)
     affine = np.asarray(img.affine, dtype=np.float64)
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]

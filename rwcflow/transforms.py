@@ -31,7 +31,7 @@ from scipy.io import loadmat
 
 from rwcflow import spatial
 from rwcflow.errors import InputError
-from rwcflow.io import Grid, Image, PathLike, atomic_write, write_atomically
+from rwcflow.io import Grid, Image, PathLike, atomic_write, read_nibabel, write_atomically
 
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _RAS_TO_LPS = _LPS[:3, :3].diagonal()
@@ -132,13 +132,7 @@ def write_displacement_field(path: PathLike, disp_ras_mm: np.ndarray, grid: Grid
 def read_displacement_field(path: PathLike) -> tuple[np.ndarray, Grid]:
     """Read an ITK/ANTs displacement field: RAS-mm displacements ``(X, Y, Z, 3)`` and the grid they lie on."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "file not found")
-    try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:  # nibabel raises many types for unreadable files
-        raise InputError(path, f"not a readable NIfTI image ({type(exc).__name__})") from None
+    img, data = read_nibabel(path, "NIfTI image")
     if data.ndim != 5 or data.shape[3:] != (1, 3):
         raise InputError(path, f"expected an ITK displacement field of shape X×Y×Z×1×3, got {tuple(data.shape)}")
     affine = np.asarray(img.affine, dtype=np.float64)

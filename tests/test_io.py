@@ -7,6 +7,7 @@ import os
 
 import nibabel as nib
 import numpy as np
+from scipy.spatial.transform import Rotation
 import pytest
 
 from rwcflow import io
@@ -34,11 +35,8 @@ def sampled(grid: io.Grid) -> np.ndarray:
 
 
 def rotation(angles) -> np.ndarray:
-    a, b, c = angles
-    rx = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
-    ry = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
-    rz = np.array([[math.cos(c), -math.sin(c), 0], [math.sin(c), math.cos(c), 0], [0, 0, 1]])
-    return rz @ ry @ rx
+    """Rotation matrix from angles (radians) about the x, y and z axes (``Rz @ Ry @ Rx``)."""
+    return Rotation.from_euler("xyz", angles).as_matrix()
 
 
 def centred_grid(axcodes: str, spacing, angles=(0.0, 0.0, 0.0), extent: float = 54.0) -> io.Grid:

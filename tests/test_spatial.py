@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.spatial.transform import Rotation
 import pytest
 import torch
 from scipy.linalg import expm
@@ -36,12 +37,8 @@ def interior(tensor: torch.Tensor, margin: int) -> torch.Tensor:
 
 
 def rotation(angles) -> np.ndarray:
-    """Rotation matrix from angles (radians) about the three axes."""
-    a, b, c = angles
-    rx = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
-    ry = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
-    rz = np.array([[math.cos(c), -math.sin(c), 0], [math.sin(c), math.cos(c), 0], [0, 0, 1]])
-    return rz @ ry @ rx
+    """Rotation matrix from angles (radians) about the x, y and z axes (``Rz @ Ry @ Rx``)."""
+    return Rotation.from_euler("xyz", angles).as_matrix()
 
 
 def about_centre(linear: np.ndarray, centre) -> np.ndarray:
