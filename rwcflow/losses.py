@@ -43,7 +43,11 @@ def mse_loss(fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tenso
 def _box_mean(image: Tensor, window: int) -> Tensor:
     """Local mean over a cubic ``window`` (odd, shrunk to fit small axes), borders averaged over the inside."""
     kernel = tuple(min(window, n if n % 2 else n - 1) for n in image.shape[2:])
-    return F.avg_pool3d(image, kernel, stride=1, padding=tuple(k // 2 for k in kernel), count_include_pad=False)
+    # one axis at a time: the same result (the border counts factor per axis), k times cheaper per pass
+    for axis, size in enumerate(kernel):
+        shape = tuple(size if a == axis else 1 for a in range(3))
+        image = F.avg_pool3d(image, shape, stride=1, padding=tuple(k // 2 for k in shape), count_include_pad=False)
+    return image
 
 
 def ncc_loss(fixed: Tensor, warped: Tensor, window: int = 9, mask: Tensor | None = None) -> Tensor:

@@ -200,7 +200,7 @@ def register(
 
     start = time.perf_counter()
     if options is not None:
-        say(f"instance optimisation ({options.iterations} iterations per level)")
+        say(f"instance optimisation ({options.iterations} Adam steps per level)")
         guide = {}
         if label_guided and fixed_labels is not None and moving_labels is not None:
             values = [int(v) for v in np.intersect1d(fixed_labels.data, moving_labels.data) if v != 0]
