@@ -86,18 +86,26 @@ def run_one(size: str, method: str, device: str, threads: int) -> dict:
 
 def _spawn(size: str, method: str, device: str, threads: int, timeout: float) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    label = {"size": "x".join(map(str, SIZES[size])), "method": method, "device": device, "threads": threads}
     command = [sys.executable, "-m", "benchmarks.bench_register", "--worker", size, method, device, str(threads)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
                               cwd=Path(__file__).resolve().parents[1])
     except subprocess.TimeoutExpired:
-        return {"size": size, "method": method, "device": device, "threads": threads,
-                "status": f"timeout after {timeout:.0f} s"}
+        return {**label, "status": f"timeout after {timeout:.0f} s"}
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or ["no output"]
-        return {"size": size, "method": method, "device": device, "threads": threads,
-                "status": f"failed: {lines[-1]}"}
+        return {**label, "status": f"failed: {lines[-1]}"}
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "status": "ok"}
+
+
+def _cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def environment() -> dict:
@@ -108,7 +116,7 @@ def environment() -> dict:
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
