@@ -3,26 +3,20 @@
 Writes into ``--out-dir``: ``warped.nii.gz`` (moving on the fixed grid), ``xfm.nii.gz`` (ITK/ANTs
 displacement field of the whole fixed→moving mapping, affine included), ``affine.txt`` (ITK text
 transform of the pre-alignment) and, with labels, ``warped_labels.nii.gz`` and ``metrics.json``. All
-files appear together or not at all: they are written into a temporary folder inside ``--out-dir`` and
-moved into place at the end.
+files appear together or not at all (:meth:`rwcflow.register.Registration.write`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from rwcflow import __version__
 from rwcflow.errors import RwcflowError
-from rwcflow.io import save_image
-from rwcflow.register import Registration, register
+from rwcflow.register import register
 
 PROG = "rwcflow-register"
 
@@ -50,26 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def write_outputs(result: Registration, out_dir: Path, *, include_affine: bool = True) -> list[Path]:
-    """Write every output into a temporary folder in ``out_dir``, then move them into place."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".rwcflow-", dir=out_dir))
-    try:
-        save_image(result.warped, staging / "warped.nii.gz")
-        result.write_transforms(staging, include_affine=include_affine)
-        if result.warped_labels is not None:
-            save_image(result.warped_labels, staging / "warped_labels.nii.gz")
-        if result.metrics is not None:
-            (staging / "metrics.json").write_text(json.dumps(result.metrics, indent=2) + "\n")
-        written = []
-        for item in sorted(staging.iterdir()):
-            os.replace(item, out_dir / item.name)
-            written.append(out_dir / item.name)
-        return written
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -87,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fixed_mask=args.fixed_mask, moving_mask=args.moving_mask,
             fixed_labels=args.fixed_labels, moving_labels=args.moving_labels,
         )
-        written = write_outputs(result, args.out_dir, include_affine=not args.separate_affine)
+        written = result.write(args.out_dir, include_affine=not args.separate_affine)
     except RwcflowError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

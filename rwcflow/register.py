@@ -9,8 +9,11 @@ sampled once at those points (no double interpolation).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field as dataclass_field
@@ -24,7 +27,7 @@ from rwcflow.transforms import mapped_coordinates, sample_image
 from rwcflow.affine import affine_align
 from rwcflow.checkpoint import resolve_model
 from rwcflow.errors import InputError
-from rwcflow.io import Grid, Image, load_image, normalize_intensity
+from rwcflow.io import Grid, Image, load_image, normalize_intensity, save_image
 from rwcflow.metrics import registration_metrics
 from rwcflow.models import RWCNet
 from rwcflow.optimize import InstanceOptimization, instance_optimize
@@ -84,13 +87,35 @@ class Registration:
         }
 
 
+    def write(self, out_dir: str | os.PathLike, *, include_affine: bool = True) -> list[Path]:
+        """Write ``warped.nii.gz``, the transforms and, with labels, ``warped_labels.nii.gz`` and
+        ``metrics.json`` into ``out_dir``: all together or none, through a temporary folder inside it."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".rwcflow-", dir=out_dir))
+        try:
+            save_image(self.warped, staging / "warped.nii.gz")
+            self.write_transforms(staging, include_affine=include_affine)
+            if self.warped_labels is not None:
+                save_image(self.warped_labels, staging / "warped_labels.nii.gz")
+            if self.metrics is not None:
+                (staging / "metrics.json").write_text(json.dumps(self.metrics, indent=2) + "\n")
+            written = []
+            for item in sorted(staging.iterdir()):
+                os.replace(item, out_dir / item.name)
+                written.append(out_dir / item.name)
+            return written
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` is CUDA when present, else the CPU; anything else is passed to :class:`torch.device`."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device", "CUDA was asked for but no CUDA device is available")
+        raise InputError("device", "CUDA was asked for but no CUDA device is available")
     return device
 
 

@@ -1,0 +1,107 @@
+"""Pydra 1.0 tasks: thin, file-in/file-out wrappers over the rwcflow engine.
+
+Each task reads its input files, calls one engine function and writes its outputs into the current
+folder, which Pydra makes the job's own cache folder; so results are cached by input content and the
+tasks run unchanged under any Pydra worker (``"cf"``, ``"slurm"``, ...). Run one with
+``Submitter(worker="cf", cache_root=...)(Register(fixed=..., moving=...))``.
+
+With the ``"cf"`` worker on Linux, jobs run in forked processes: a submitting process that has
+already run multi-threaded torch code (or initialised CUDA) makes them hang or fail. Submit from a
+process that has not, call ``torch.set_num_threads(1)`` first, or use
+``multiprocessing.set_start_method("forkserver")``. ``device="auto"`` is resolved inside each job.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from fileformats.generic import File
+from pydra.compose import python
+
+from rwcflow import maps, transforms
+from rwcflow.affine import affine_align
+from rwcflow.io import Image, load_image, save_image
+from rwcflow.register import register, resolve_device
+
+
+def _optional(file: File | None, *, labels: bool = True) -> Image | None:
+    return None if file is None else load_image(file, labels=labels)
+
+
+@python.define(outputs={"affine": File})
+def AffineAlign(fixed: File, moving: File, fixed_mask: File | None = None, moving_mask: File | None = None,
+                device: str = "auto") -> File:
+    """Affine pre-alignment (:func:`rwcflow.affine.affine_align`): ``affine`` is an ITK text transform
+    taking fixed points to moving points."""
+    matrix = affine_align(load_image(fixed), load_image(moving), device=resolve_device(device),
+                          fixed_mask=_optional(fixed_mask), moving_mask=_optional(moving_mask))
+    return transforms.write_affine(Path.cwd() / "affine.txt", matrix)
+
+
+@python.define(outputs={"warped": File, "xfm": File, "affine": File,
+                        "warped_labels": File | None, "metrics": File | None})
+def Register(fixed: File, moving: File, model: str = "default", io_iters: int | None = None,
+             affine: bool = True, device: str = "auto",
+             fixed_labels: File | None = None, moving_labels: File | None = None,
+             fixed_mask: File | None = None, moving_mask: File | None = None,
+             ) -> tuple[File, File, File, File | None, File | None]:
+    """Register ``moving`` to ``fixed`` (:func:`rwcflow.register.register`), written as by ``rwcflow-register``.
+
+    ``warped`` (moving on the fixed grid), ``xfm`` (ITK displacement field, affine included), ``affine``
+    (ITK text transform) and, with label maps, ``warped_labels`` and ``metrics`` (JSON). ``io_iters``
+    is the instance-optimisation iterations (``None``: the default; 0: off); ``device="auto"`` picks
+    CUDA when the job's machine has it.
+    """
+    result = register(
+        fixed, moving, model=model, affine=affine,
+        instance_optimization=True if io_iters is None else io_iters,
+        device=device, fixed_mask=fixed_mask, moving_mask=moving_mask,
+        fixed_labels=fixed_labels, moving_labels=moving_labels,
+    )
+    written = {path.name: path for path in result.write(Path.cwd())}
+    return (written["warped.nii.gz"], written["xfm.nii.gz"], written["affine.txt"],
+            written.get("warped_labels.nii.gz"), written.get("metrics.json"))
+
+
+@python.define(outputs={"out": File})
+def ApplyTransform(image: File, xfm: File, reference: File | None = None, labels: bool = False) -> File:
+    """Resample ``image`` (any grid) through an ITK displacement field ``xfm`` (fixed→moving) onto
+    ``reference``'s grid (default: the field's own grid); nearest neighbour for ``labels``."""
+    disp, grid = transforms.read_displacement_field(xfm)
+    if reference is not None:
+        target = load_image(reference).grid
+        if target != grid:
+            disp, grid = maps.resample_displacement(disp, grid, target), target
+    moved = transforms.apply_displacement(load_image(image, labels=labels), disp, grid, labels=labels)
+    return save_image(moved, Path.cwd() / _output_name(image, "warped"))
+
+
+@python.define(outputs={"jacobian": File, "log_jacobian": File})
+def JacobianMaps(xfm: File) -> tuple[File, File]:
+    """Jacobian determinant of an ITK displacement field's mapping (world mm), and its logarithm
+    (folded voxels floored, see :func:`rwcflow.maps.log_jacobian`)."""
+    disp, grid = transforms.read_displacement_field(xfm)
+    jacobian = maps.jacobian_from_world_field(disp, grid).astype(np.float32)
+    image = Image(jacobian, grid.affine.copy())
+    return (save_image(image, Path.cwd() / "jacobian.nii.gz"),
+            save_image(image.with_data(maps.log_jacobian(jacobian)), Path.cwd() / "log_jacobian.nii.gz"))
+
+
+@python.define(outputs={"average": File})
+def AverageImages(images: list[File], method: str = "mean") -> File:
+    """Voxel-wise ``"mean"`` or ``"median"`` of ``images`` on the first image's grid (others resampled
+    in world space)."""
+    average = maps.average_images([load_image(image) for image in images], method)
+    return save_image(average, Path.cwd() / "average.nii.gz")
+
+
+def _output_name(image: os.PathLike, suffix: str) -> str:
+    """``name_suffix.nii.gz`` for an input ``name.nii[.gz]``/``name.mgz``."""
+    name = Path(image).name
+    for extension in (".nii.gz", ".nii", ".mgz", ".mgh"):
+        if name.endswith(extension):
+            name = name[: -len(extension)]
+            break
+    return f"{name}_{suffix}.nii.gz"
