@@ -69,13 +69,38 @@ def Register(fixed: File, moving: File, model: str = "default", io_iters: int | 
 def ApplyTransform(image: File, xfm: File, reference: File | None = None, labels: bool = False) -> File:
     """Resample ``image`` (any grid) through an ITK displacement field ``xfm`` (fixed→moving) onto
     ``reference``'s grid (default: the field's own grid); nearest neighbour for ``labels``."""
+    return _apply_transform(image, xfm, reference, labels)
+
+
+@python.define(outputs={"out": File})
+def LabelPropagation(labels: File, xfm: File, reference: File | None = None) -> File:
+    """Carry a label map through ``xfm`` onto ``reference``'s grid: :class:`ApplyTransform` with ``labels=True``."""
+    return _apply_transform(labels, xfm, reference, labels=True)
+
+
+@python.define(outputs={"out": File})
+def ComposeTransforms(xfms: list[File], reference: File | None = None) -> File:
+    """One ITK displacement field for a chain of them, in ANTs order (``-t A -t B``: ``B`` acts first),
+    on ``reference``'s grid (default: the first field's grid)."""
+    fields = [transforms.read_displacement_field(xfm) for xfm in xfms]
+    grid = fields[0][1] if reference is None else load_image(reference).grid
+    composed = maps.compose_displacements(fields, grid)
+    return transforms.write_displacement_field(Path.cwd() / "composed_xfm.nii.gz", composed, grid)
+
+
+@python.define(outputs={"out": File})
+def InvertTransform(xfm: File) -> File:
+    """The inverse of an ITK displacement field, on the same grid (:func:`rwcflow.maps.invert_displacement`)."""
     disp, grid = transforms.read_displacement_field(xfm)
-    if reference is not None:
-        target = load_image(reference).grid
-        if target != grid:
-            disp, grid = maps.resample_displacement(disp, grid, target), target
-    moved = transforms.apply_displacement(load_image(image, labels=labels), disp, grid, labels=labels)
-    return save_image(moved, Path.cwd() / _output_name(image, "warped"))
+    return transforms.write_displacement_field(Path.cwd() / _output_name(xfm, "inverse"),
+                                               maps.invert_displacement(disp, grid), grid)
+
+
+@python.define(outputs={"out": File})
+def AverageFields(xfms: list[File]) -> File:
+    """Voxel-wise mean of ITK displacement fields on the first field's grid (others resampled in world space)."""
+    disp, grid = maps.average_displacements([transforms.read_displacement_field(xfm) for xfm in xfms])
+    return transforms.write_displacement_field(Path.cwd() / "average_xfm.nii.gz", disp, grid)
 
 
 @python.define(outputs={"jacobian": File, "log_jacobian": File})
@@ -95,6 +120,17 @@ def AverageImages(images: list[File], method: str = "mean") -> File:
     in world space)."""
     average = maps.average_images([load_image(image) for image in images], method)
     return save_image(average, Path.cwd() / "average.nii.gz")
+
+
+def _apply_transform(image: File, xfm: File, reference: File | None, labels: bool) -> File:
+    """The work of :class:`ApplyTransform`, written into the job's folder."""
+    disp, grid = transforms.read_displacement_field(xfm)
+    if reference is not None:
+        target = load_image(reference).grid
+        if target != grid:
+            disp, grid = maps.resample_displacement(disp, grid, target), target
+    moved = transforms.apply_displacement(load_image(image, labels=labels), disp, grid, labels=labels)
+    return save_image(moved, Path.cwd() / _output_name(image, "warped"))
 
 
 def _output_name(image: os.PathLike, suffix: str) -> str:

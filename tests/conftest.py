@@ -1,4 +1,5 @@
-"""Shared fixtures: small smooth random displacement fields and synthetic volumes (deterministic)."""
+"""Shared fixtures: small smooth random displacement fields and synthetic volumes (deterministic), and a
+Pydra submitter."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pytest
 import torch
+from pydra.engine.submitter import Submitter
 from scipy import ndimage
 
 
@@ -53,3 +55,17 @@ def smooth_volume() -> Callable[..., torch.Tensor]:
         return torch.from_numpy(volume.astype(np.float32))[None]
 
     return make
+
+
+@pytest.fixture
+def submit(tmp_path):
+    """``submit(task)``: run ``task`` through a "cf" Submitter with a cache in ``tmp_path``; its outputs."""
+    cache = tmp_path / "cache"
+
+    def run(task):
+        with Submitter(worker="cf", cache_root=cache, n_procs=1) as submitter:
+            result = submitter(task, raise_errors=True)
+        assert not result.errored
+        return result.outputs
+
+    return run

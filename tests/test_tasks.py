@@ -8,7 +8,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from pydra.engine.submitter import Submitter
 
 from rwcflow import transforms
 from rwcflow.affine import affine_align
@@ -16,20 +15,6 @@ from rwcflow.example import make_example_pair
 from rwcflow.io import Grid, Image, load_image, save_image
 from rwcflow.register import register
 from rwcflow.tasks import AffineAlign, ApplyTransform, AverageImages, JacobianMaps, Register
-
-
-@pytest.fixture
-def submit(tmp_path):
-    """``submit(task)``: run ``task`` through a "cf" Submitter with a cache in ``tmp_path``; its outputs."""
-    cache = tmp_path / "cache"
-
-    def run(task):
-        with Submitter(worker="cf", cache_root=cache, n_procs=1) as submitter:
-            result = submitter(task, raise_errors=True)
-        assert not result.errored
-        return result.outputs
-
-    return run
 
 
 @pytest.fixture(scope="module")
