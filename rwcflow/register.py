@@ -87,19 +87,21 @@ class Registration:
         }
 
 
-    def write(self, out_dir: str | os.PathLike, *, include_affine: bool = True) -> list[Path]:
+    def write(self, out_dir: str | os.PathLike, *, include_affine: bool = True, prefix: str = "") -> list[Path]:
         """Write ``warped.nii.gz``, the transforms and, with labels, ``warped_labels.nii.gz`` and
-        ``metrics.json`` into ``out_dir``: all together or none, through a temporary folder inside it."""
+        ``metrics.json`` (each name after ``prefix``) into ``out_dir``: all together or none, through a
+        temporary folder inside it."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".rwcflow-", dir=out_dir))
         try:
-            save_image(self.warped, staging / "warped.nii.gz")
-            self.write_transforms(staging, include_affine=include_affine)
+            save_image(self.warped, staging / f"{prefix}warped.nii.gz")
+            self.write_transforms(staging, xfm=f"{prefix}xfm.nii.gz", affine=f"{prefix}affine.txt",
+                                  include_affine=include_affine)
             if self.warped_labels is not None:
-                save_image(self.warped_labels, staging / "warped_labels.nii.gz")
+                save_image(self.warped_labels, staging / f"{prefix}warped_labels.nii.gz")
             if self.metrics is not None:
-                (staging / "metrics.json").write_text(json.dumps(self.metrics, indent=2) + "\n")
+                (staging / f"{prefix}metrics.json").write_text(json.dumps(self.metrics, indent=2) + "\n")
             written = []
             for item in sorted(staging.iterdir()):
                 os.replace(item, out_dir / item.name)

@@ -13,6 +13,7 @@ process that has not, call ``torch.set_num_threads(1)`` first, or use
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -60,7 +61,9 @@ def Register(fixed: File, moving: File, model: str = "default", io_iters: int | 
         device=device, fixed_mask=fixed_mask, moving_mask=moving_mask,
         fixed_labels=fixed_labels, moving_labels=moving_labels,
     )
-    written = {path.name: path for path in result.write(Path.cwd())}
+    # named after the moving image, so a workflow collecting several registrations keeps their names apart
+    prefix = f"{_stem(moving)}_"
+    written = {path.name[len(prefix):]: path for path in result.write(Path.cwd(), prefix=prefix)}
     return (written["warped.nii.gz"], written["xfm.nii.gz"], written["affine.txt"],
             written.get("warped_labels.nii.gz"), written.get("metrics.json"))
 
@@ -133,11 +136,47 @@ def _apply_transform(image: File, xfm: File, reference: File | None, labels: boo
     return save_image(moved, Path.cwd() / _output_name(image, "warped"))
 
 
-def _output_name(image: os.PathLike, suffix: str) -> str:
-    """``name_suffix.nii.gz`` for an input ``name.nii[.gz]``/``name.mgz``."""
+def _stem(image: os.PathLike) -> str:
+    """``name`` of an input ``name.nii[.gz]``/``name.mgz``."""
     name = Path(image).name
     for extension in (".nii.gz", ".nii", ".mgz", ".mgh"):
         if name.endswith(extension):
-            name = name[: -len(extension)]
-            break
-    return f"{name}_{suffix}.nii.gz"
+            return name[: -len(extension)]
+    return name
+
+
+def _output_name(image: os.PathLike, suffix: str) -> str:
+    """``name_suffix.nii.gz`` for an input ``name.nii[.gz]``/``name.mgz``."""
+    return f"{_stem(image)}_{suffix}.nii.gz"
+
+
+@python.define(outputs={"template": File, "log": File})
+def ShapeUpdate(average: File, average_xfm: File, gradient_step: float = 0.25, repeats: int = 4,
+                log: File | None = None) -> tuple[File, File]:
+    """Template shape update of ANTs' ``antsMultivariateTemplateConstruction2.sh``.
+
+    ``average`` is the mean of the images registered to the current template and ``average_xfm`` the
+    mean of their template→subject fields: its displacement is the template's shape bias, so
+    ``average`` is resampled through the field ``-gradient_step * average_xfm`` composed ``repeats``
+    times (ANTs applies it 4 times), moving the template against it. ``log`` (JSON, a list with one
+    entry per update) gets this update's ``update_norm_mm``: the mean length of the average field.
+    """
+    disp, grid = transforms.read_displacement_field(average_xfm)
+    update = maps.compose_displacements([(-gradient_step * disp, grid)] * repeats, grid)
+    template = transforms.apply_displacement(load_image(average), update, grid)
+    history = [] if log is None else json.loads(Path(log).read_text())
+    history.append({"update": len(history) + 1, "update_norm_mm": float(np.linalg.norm(disp, axis=-1).mean())})
+    log_path = Path.cwd() / "shape_update.json"
+    log_path.write_text(json.dumps(history, indent=2))
+    return save_image(template, Path.cwd() / "template.nii.gz"), log_path
+
+
+@python.define(outputs={"probabilities": File, "label_values": list[int]})
+def LabelProbabilities(label_maps: list[File]) -> tuple[File, list[int]]:
+    """Per-label probability maps from label maps on one grid: a 4-D float32 NIfTI whose volume ``n`` is
+    the fraction of ``label_maps`` holding ``label_values[n]`` at each voxel (background 0 left out)."""
+    images = [load_image(path, labels=True) for path in label_maps]
+    stack = np.stack([image.data for image in images])
+    values = [int(v) for v in np.unique(stack) if v != 0]
+    probabilities = np.stack([(stack == v).mean(axis=0) for v in values], axis=-1).astype(np.float32)
+    return save_image(Image(probabilities, images[0].affine.copy()), Path.cwd() / "label_probabilities.nii.gz"), values
