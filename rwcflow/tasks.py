@@ -24,6 +24,7 @@ from pydra.compose import python
 from rwcflow import maps, transforms
 from rwcflow.affine import affine_align
 from rwcflow.io import Image, load_image, save_image
+from rwcflow.optimize import InstanceOptimization
 from rwcflow.register import register, resolve_device
 
 
@@ -44,7 +45,7 @@ def AffineAlign(fixed: File, moving: File, fixed_mask: File | None = None, movin
 @python.define(outputs={"warped": File, "xfm": File, "affine": File,
                         "warped_labels": File | None, "metrics": File | None})
 def Register(fixed: File, moving: File, model: str = "default", io_iters: int | None = None,
-             affine: bool = True, device: str = "auto",
+             io_grid_factor: int | None = None, affine: bool = True, device: str = "auto",
              fixed_labels: File | None = None, moving_labels: File | None = None,
              fixed_mask: File | None = None, moving_mask: File | None = None,
              ) -> tuple[File, File, File, File | None, File | None]:
@@ -52,12 +53,14 @@ def Register(fixed: File, moving: File, model: str = "default", io_iters: int | 
 
     ``warped`` (moving on the fixed grid), ``xfm`` (ITK displacement field, affine included), ``affine``
     (ITK text transform) and, with label maps, ``warped_labels`` and ``metrics`` (JSON). ``io_iters``
-    is the instance-optimisation iterations (``None``: the default; 0: off); ``device="auto"`` picks
-    CUDA when the job's machine has it.
+    is the instance-optimisation iterations (``None``: the default; 0: off) and ``io_grid_factor`` its
+    fixed voxels per control-grid voxel (``None``: the default, 2; 1 resolves small local changes);
+    ``device="auto"`` picks CUDA when the job's machine has it.
     """
+    options = False if io_iters == 0 else InstanceOptimization(**{
+        key: value for key, value in (("iterations", io_iters), ("grid_factor", io_grid_factor)) if value is not None})
     result = register(
-        fixed, moving, model=model, affine=affine,
-        instance_optimization=True if io_iters is None else io_iters,
+        fixed, moving, model=model, affine=affine, instance_optimization=options,
         device=device, fixed_mask=fixed_mask, moving_mask=moving_mask,
         fixed_labels=fixed_labels, moving_labels=moving_labels,
     )
@@ -113,8 +116,8 @@ def JacobianMaps(xfm: File) -> tuple[File, File]:
     disp, grid = transforms.read_displacement_field(xfm)
     jacobian = maps.jacobian_from_world_field(disp, grid).astype(np.float32)
     image = Image(jacobian, grid.affine.copy())
-    return (save_image(image, Path.cwd() / "jacobian.nii.gz"),
-            save_image(image.with_data(maps.log_jacobian(jacobian)), Path.cwd() / "log_jacobian.nii.gz"))
+    return (save_image(image, Path.cwd() / _output_name(xfm, "jacobian")),
+            save_image(image.with_data(maps.log_jacobian(jacobian)), Path.cwd() / _output_name(xfm, "log_jacobian")))
 
 
 @python.define(outputs={"average": File})

@@ -1,0 +1,105 @@
+"""The longitudinal workflow, submitted for real with the "cf" worker: two sessions of one brain, the second
+with a known local volume loss (a smooth radial contraction around a blob), and the single-session pass-through."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from rwcflow import spatial, transforms
+from rwcflow.example import make_example_pair
+from rwcflow.io import Grid, Image, load_image, save_image
+from rwcflow.workflows.longitudinal import Longitudinal
+
+BLOB_CENTRE_MM = np.array([0.0, -10.0, 10.0])  # near the ventricles: local structure a registration can see
+BLOB_SIGMA_MM = 16.0
+STRENGTH = 0.4
+
+
+def _contraction(image: Image) -> tuple[torch.Tensor, np.ndarray]:
+    """Pull-back field ``u(x) = a w(x) (x - c)`` (voxels), ``w`` a Gaussian bump around the blob centre ``c``,
+    and every voxel's distance to ``c`` in mm. ``session(x) = brain(x + u(x))`` shows the brain around ``c``
+    shrunk by the factor ``1 / det(I + du/dx)``: strongly in the blob, fading outside."""
+    centre = image.grid.world_to_voxel(BLOB_CENTRE_MM)
+    offset = np.indices(image.grid.shape, dtype=np.float64) - centre.reshape(3, 1, 1, 1)
+    distance = np.sqrt(((offset * image.grid.spacing.reshape(3, 1, 1, 1)) ** 2).sum(axis=0))
+    bump = np.exp(-(distance**2) / (2 * BLOB_SIGMA_MM**2))
+    return torch.from_numpy((STRENGTH * bump * offset)[None].astype(np.float32)), distance
+
+
+@pytest.fixture(scope="module")
+def sessions(tmp_path_factory):
+    brain = make_example_pair(resolution_mm=6.0).fixed
+    field, distance = _contraction(brain)
+    shrunk = spatial.warp(brain.tensor(), field)[0, 0].numpy().astype(np.float32)
+    folder = tmp_path_factory.mktemp("sub-01")
+    paths = [save_image(brain, folder / "ses-1_T1w.nii.gz"),
+             save_image(brain.with_data(shrunk), folder / "ses-2_T1w.nii.gz")]
+    true_log_change = -np.log(spatial.jacobian_determinant(field)[0, 0].numpy())  # log(vol ses-2 / vol ses-1)
+    return paths, brain, distance, true_log_change
+
+
+def test_local_volume_loss_is_recovered_by_an_unbiased_template(sessions, submit):
+    paths, brain, distance, true_log_change = sessions
+    out = submit(Longitudinal(sessions=paths, iterations=2, model="none", io_iters=30, affine=False, device="cpu"))
+    template = load_image(out.template)
+    assert template.grid == brain.grid
+    assert len(out.xfms) == len(out.inverse_xfms) == len(out.warped) == len(out.log_jacobians) == 2
+    assert [Path(path).name for path in out.xfms] == ["ses-1_T1w_xfm.nii.gz", "ses-2_T1w_xfm.nii.gz"]
+
+    log_jacobians = [load_image(path).data for path in out.log_jacobians]
+    jacobian = load_image(out.jacobians[1]).data
+    np.testing.assert_allclose(np.log(np.maximum(jacobian, 1e-6)), log_jacobians[1], atol=1e-4)
+    change = log_jacobians[1] - log_jacobians[0]
+    blob = distance <= BLOB_SIGMA_MM
+    brain_mask = brain.data > 0.1 * brain.data.max()
+    far = brain_mask & (distance >= 4 * BLOB_SIGMA_MM)
+    expected = true_log_change[blob].mean()
+    assert expected < -0.4  # the simulated loss is large: ~45 % of the blob's volume
+    # shrinkage, of roughly the simulated size (a 6 mm grid smooths a blob of ~3 voxels radius)
+    assert 0.3 * expected > change[blob].mean() > 1.5 * expected
+    # ~no change far from the blob, where the simulated field is the identity (the registration spreads a
+    # small compensating expansion over the brain: ~0.07 here, against -0.33 in the blob)
+    assert np.abs(true_log_change[far]).max() < 0.01
+    assert abs(change[far].mean()) < 0.15 * abs(expected)
+
+    # the template lies between the sessions: both move by comparable amounts in the blob, neither ~0
+    magnitudes = [np.linalg.norm(transforms.read_displacement_field(path)[0], axis=-1)[blob].mean()
+                  for path in out.xfms]
+    assert min(magnitudes) > 0.5  # mm
+    assert 0.5 < magnitudes[0] / magnitudes[1] < 2.0
+
+    # the inverse undoes the forward field, and the warped sessions lie on the template
+    for xfm, inverse, warped in zip(out.xfms, out.inverse_xfms, out.warped):
+        forward = transforms.read_displacement_field(xfm)[0]
+        backward, grid = transforms.read_displacement_field(inverse)
+        assert grid == template.grid
+        assert np.abs(forward[blob] + backward[blob]).mean() < 0.5 * np.abs(forward[blob]).mean()
+        warped_data = load_image(warped).data
+        error = np.abs(warped_data - template.data)[brain_mask].mean()
+        assert error < 0.1 * template.data[brain_mask].mean()
+
+
+def test_single_session_passes_through(sessions, submit):
+    paths, brain, _, _ = sessions
+    out = submit(Longitudinal(sessions=paths[:1], model="none", io_iters=5, device="cpu"))
+    np.testing.assert_array_equal(load_image(out.template).data, brain.data)
+    disp, grid = transforms.read_displacement_field(out.xfms[0])
+    assert grid == brain.grid
+    np.testing.assert_array_equal(disp, 0.0)
+    np.testing.assert_array_equal(load_image(out.warped[0]).data, brain.data)
+    np.testing.assert_allclose(load_image(out.jacobians[0]).data, 1.0, atol=1e-6)
+    # (read with nibabel: rwcflow's load_image refuses an all-zero image)
+    np.testing.assert_allclose(nib.load(out.log_jacobians[0]).get_fdata(), 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("arguments", "message"), [({"sessions": []}, "at least one session"),
+                                                     ({"step": 0.0}, "step must be"),
+                                                     ({"iterations": -1}, "iterations must be")])
+def test_invalid_arguments_are_refused(sessions, submit, arguments, message):
+    with pytest.raises(ValueError, match=message):
+        submit(Longitudinal(**{"sessions": sessions[0], **arguments}))
