@@ -54,6 +54,10 @@ class Grid:
         """Map voxel coordinates ``(..., 3)`` to world coordinates in mm."""
         return points @ self.affine[:3, :3].T + self.affine[:3, 3]
 
+    def world_points(self) -> np.ndarray:
+        """World position (RAS mm) of every voxel centre, ``(X, Y, Z, 3)``."""
+        return self.voxel_to_world(np.moveaxis(np.indices(self.shape, dtype=np.float64), 0, -1))
+
     def world_to_voxel(self, points: np.ndarray) -> np.ndarray:
         """Map world coordinates ``(..., 3)`` in mm to voxel coordinates."""
         inverse = np.linalg.inv(self.affine)

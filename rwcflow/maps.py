@@ -53,18 +53,13 @@ def _sample_displacement(disp_ras_mm: np.ndarray, grid: Grid, points: np.ndarray
     return np.moveaxis(sampled[0].numpy(), 0, -1)
 
 
-def _world_points(grid: Grid) -> np.ndarray:
-    """World RAS-mm position of every voxel of ``grid``, ``(X, Y, Z, 3)``."""
-    return grid.voxel_to_world(np.moveaxis(np.indices(grid.shape, dtype=np.float64), 0, -1))
-
-
 def resample_displacement(disp_ras_mm: np.ndarray, grid: Grid, reference: Grid) -> np.ndarray:
     """World displacements on ``grid`` carried onto the ``reference`` grid, ``(X', Y', Z', 3)`` RAS mm.
 
     Linear interpolation in world space; outside the field's grid the displacement fades to zero
     within one voxel (ITK's displacement-field transforms leave points outside their field unmoved).
     """
-    return _sample_displacement(disp_ras_mm, grid, _world_points(reference))
+    return _sample_displacement(disp_ras_mm, grid, reference.world_points())
 
 
 def compose_displacements(fields: Sequence[tuple[np.ndarray, Grid]], reference: Grid) -> np.ndarray:
@@ -75,7 +70,7 @@ def compose_displacements(fields: Sequence[tuple[np.ndarray, Grid]], reference: 
     """
     if not fields:
         raise ValueError("no displacement fields to compose")
-    start = _world_points(reference)
+    start = reference.world_points()
     points = start
     for disp, grid in reversed(fields):
         points = points + _sample_displacement(disp, grid, points)

@@ -51,11 +51,6 @@ def _channels_last(field: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.moveaxis(field, 0, -1)
 
 
-def _voxel_centres(shape: tuple[int, int, int]) -> np.ndarray:
-    """Voxel coordinates of every voxel of ``shape``, ``(X, Y, Z, 3)``."""
-    return np.moveaxis(np.indices(shape, dtype=np.float64), 0, -1)
-
-
 def world_displacement(
     coords_moving_voxel: torch.Tensor | np.ndarray, fixed_grid: Grid, moving_grid: Grid
 ) -> np.ndarray:
@@ -67,7 +62,7 @@ def world_displacement(
     coords = _channels_last(coords_moving_voxel)
     if coords.shape[:3] != tuple(fixed_grid.shape):
         raise ValueError(f"coordinates of shape {coords.shape[:3]} do not lie on a grid of shape {fixed_grid.shape}")
-    return moving_grid.voxel_to_world(coords) - fixed_grid.voxel_to_world(_voxel_centres(fixed_grid.shape))
+    return moving_grid.voxel_to_world(coords) - fixed_grid.world_points()
 
 
 def compose_world_displacement(
@@ -110,7 +105,7 @@ def sample_image(image: Image, coords: torch.Tensor, grid: Grid, *, labels: bool
 
 def apply_displacement(image: Image, disp_ras_mm: np.ndarray, grid: Grid, *, labels: bool = False) -> Image:
     """``image`` (any grid) sampled at ``p + d(p)`` for every voxel ``p`` of ``grid``, as an image on ``grid``."""
-    points = grid.voxel_to_world(_voxel_centres(grid.shape)) + np.asarray(disp_ras_mm, dtype=np.float64)
+    points = grid.world_points() + np.asarray(disp_ras_mm, dtype=np.float64)
     coords = torch.from_numpy(np.moveaxis(image.grid.world_to_voxel(points), -1, 0)[None].astype(np.float32))
     return sample_image(image, coords, grid, labels=labels)
 
