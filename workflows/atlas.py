@@ -28,17 +28,18 @@ def _register_all(template, images: list[File], labels: list[File] | None, name:
 
 @workflow.define(outputs={"template": File, "xfms": list[File], "warped": list[File], "log": File,
                           "label_probabilities": File | None, "label_values": list[int] | None})
-def Atlas(images: list[File], iterations: int = 3, gradient_step: float = 0.25, model: str = "default",
-          io_iters: int | None = None, device: str = "auto", labels: list[File] | None = None,
+def Atlas(images: list[File], iterations: int = 3, gradient_step: float = 0.25, shape_repeats: int = 4,
+          model: str = "default", io_iters: int | None = None, io_grid_factor: int | None = None,
+          affine: bool = True, device: str = "auto", labels: list[File] | None = None,
           initial_template: File | None = None):
     """Build an unbiased template from ``images``.
 
     Inputs: ``images`` (two or more NIfTI/MGZ images); ``iterations`` (template updates, fixed when the
-    workflow is built); ``gradient_step`` (fraction of the mean field removed per update step; ANTs
-    applies the step 4 times); ``model``, ``io_iters``, ``device`` (as for
-    :class:`rwcflow.tasks.Register`); ``labels`` (one label map per image, same grids) for label
-    probability maps; ``initial_template`` (default: the mean of the images affinely aligned to the
-    first, on its grid).
+    workflow is built); ``gradient_step`` (fraction of the mean field removed per update step) applied
+    ``shape_repeats`` times (ANTs: 4); ``model``, ``io_iters``, ``io_grid_factor``, ``affine``,
+    ``device`` (as for :class:`rwcflow.tasks.Register`); ``labels`` (one label map per image, same
+    grids) for label probability maps; ``initial_template`` (default: the mean of the images on the
+    first one's grid, affinely aligned to it when ``affine``).
 
     Outputs: ``template`` (on the initial template's grid); ``xfms`` (each image's ITK displacement
     field template→image, affine included) and ``warped`` (each image on the template), from the
@@ -53,18 +54,21 @@ def Atlas(images: list[File], iterations: int = 3, gradient_step: float = 0.25, 
         raise ValueError(f"a template needs two or more images, got {len(images)}")
     if labels is not None and len(labels) != len(images):
         raise ValueError(f"{len(labels)} label maps for {len(images)} images")
-    options = dict(model=model, io_iters=io_iters, device=device)
+    options = dict(model=model, io_iters=io_iters, io_grid_factor=io_grid_factor, affine=affine, device=device)
     template = initial_template
     if template is None:
-        aligned = _register_all(images[0], images, None, "affine_to_first", model="none", io_iters=0, device=device)
-        template = workflow.add(AverageImages(images=aligned.warped), name="initial_average").average
+        starts = images
+        if affine:
+            starts = _register_all(images[0], images, None, "affine_to_first", model="none", io_iters=0,
+                                   device=device).warped
+        template = workflow.add(AverageImages(images=starts), name="initial_average").average
     log = None
     for k in range(iterations):
         registered = _register_all(template, images, None, f"register_{k}", **options)
         average = workflow.add(AverageImages(images=registered.warped), name=f"average_{k}")
         field = workflow.add(AverageFields(xfms=registered.xfm), name=f"average_field_{k}")
-        update = workflow.add(ShapeUpdate(average=average.average, average_xfm=field.out,
-                                          gradient_step=gradient_step, log=log), name=f"shape_update_{k}")
+        update = workflow.add(ShapeUpdate(average=average.average, average_xfm=field.out, gradient_step=gradient_step,
+                                          repeats=shape_repeats, log=log), name=f"shape_update_{k}")
         template, log = update.template, update.log
     final = _register_all(template, images, labels, "register_final", **options)
     probabilities = values = None

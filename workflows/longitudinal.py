@@ -1,12 +1,10 @@
 """Longitudinal workflow: an unbiased within-subject template from all sessions of one participant, and
 each session's transforms and volume-change (Jacobian) maps in template space.
 
-The template is built by iterative groupwise registration, as ANTs' template construction does, so that
-no session is privileged: start from the voxel-wise average of the sessions (in world space, on the first
-session's grid); then, ``iterations`` times, register every session to the current template, average the
-warped sessions and remove the mean shape of the template->session fields by warping that average with
-``-step`` times their mean (``T(p) <- mean_i warped_i(p - step * mean_i u_i(p))``). A last round registers
-every session to the final template; its fields give the outputs.
+The template is the :func:`~rwcflow.workflows.atlas.Atlas` of the sessions (iterative groupwise
+registration, as ANTs' template construction does, so that no session is privileged), with the mean
+shape removed in one step of ``step`` per update (``T(p) <- mean_i warped_i(p - step * mean_i u_i(p))``).
+Its final registrations give the outputs, with their inverses and Jacobian maps.
 """
 
 from __future__ import annotations
@@ -19,8 +17,8 @@ from pydra.compose import python, workflow
 
 from rwcflow import transforms
 from rwcflow.io import load_image, save_image
-from rwcflow.tasks import (AverageFields, AverageImages, InvertTransform, JacobianMaps, Register, ShapeUpdate,
-                           _output_name)
+from rwcflow.tasks import InvertTransform, JacobianMaps, _output_name
+from rwcflow.workflows.atlas import Atlas
 
 
 @python.define(outputs={"template": File, "xfms": list[File], "warped": list[File]})
@@ -41,13 +39,14 @@ def Longitudinal(sessions: list[File], iterations: int = 2, step: float = 0.5, m
 
     Args:
         sessions: the participant's T1w images (any grids; same participant, roughly aligned in world space).
-        iterations: template updates (register all, average, remove the mean shape); 0 keeps the average.
+        iterations: template updates (register all, average, remove the mean shape), at least 1.
         step: fraction ``g`` (0 < g <= 1) of the mean template->session field removed at each update.
         model: registration network (``"default"``, ``"none"`` or a model file).
         io_iters: instance-optimisation iterations per registration (``None``: the default; 0: off).
         io_grid_factor: template voxels per instance-optimisation control voxel (1: full resolution,
             which local longitudinal changes need; 2: the pairwise default).
-        affine: estimate an affine pre-alignment in every registration.
+        affine: estimate an affine pre-alignment in every registration (and start from the average of
+            the sessions affinely aligned to the first; without it, from their plain world-space average).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``, resolved inside each job.
 
     Returns:
@@ -68,29 +67,17 @@ def Longitudinal(sessions: list[File], iterations: int = 2, step: float = 0.5, m
         raise ValueError("Longitudinal needs at least one session")
     if not 0.0 < step <= 1.0:
         raise ValueError(f"step must be in (0, 1], got {step}")
-    if iterations < 0:
-        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    if iterations < 1:
+        raise ValueError(f"iterations must be at least 1, got {iterations}")
     if len(sessions) == 1:
         single = workflow.add(SingleSession(session=sessions[0]))
         jacobians = workflow.add(JacobianMaps().split(xfm=single.xfms).combine("xfm"), name="jacobians")
         return single.template, single.xfms, single.xfms, single.warped, jacobians.jacobian, jacobians.log_jacobian
 
-    def register_all(template, name: str):
-        return workflow.add(
-            Register(fixed=template, model=model, io_iters=io_iters, io_grid_factor=io_grid_factor,
-                     affine=affine, device=device).split(moving=sessions).combine("moving"),
-            name=name,
-        )
-
-    template = workflow.add(AverageImages(images=sessions), name="initial_average").average
-    for k in range(iterations):
-        registered = register_all(template, f"register_{k}")
-        average = workflow.add(AverageImages(images=registered.warped), name=f"average_{k}")
-        mean_field = workflow.add(AverageFields(xfms=registered.xfm), name=f"mean_field_{k}")
-        template = workflow.add(ShapeUpdate(average=average.average, average_xfm=mean_field.out,
-                                            gradient_step=step, repeats=1), name=f"update_{k}").template
-    final = register_all(template, "register_final")
-    inverse = workflow.add(InvertTransform().split(xfm=final.xfm).combine("xfm"), name="invert")
-    jacobians = workflow.add(JacobianMaps().split(xfm=final.xfm).combine("xfm"), name="jacobians")
+    atlas = workflow.add(Atlas(images=sessions, iterations=iterations, gradient_step=step, shape_repeats=1,
+                               model=model, io_iters=io_iters, io_grid_factor=io_grid_factor, affine=affine,
+                               device=device), name="template")
+    inverse = workflow.add(InvertTransform().split(xfm=atlas.xfms).combine("xfm"), name="invert")
+    jacobians = workflow.add(JacobianMaps().split(xfm=atlas.xfms).combine("xfm"), name="jacobians")
     # every per-session file is named after its session (Register, then the tasks on its outputs)
-    return template, final.xfm, inverse.out, final.warped, jacobians.jacobian, jacobians.log_jacobian
+    return atlas.template, atlas.xfms, inverse.out, atlas.warped, jacobians.jacobian, jacobians.log_jacobian
