@@ -23,7 +23,7 @@ from pydra.compose import python
 
 from rwcflow import maps, transforms
 from rwcflow.affine import affine_align
-from rwcflow.io import Image, load_image, save_image
+from rwcflow.io import Image, load_image, resample, save_image
 from rwcflow.optimize import InstanceOptimization
 from rwcflow.register import register, resolve_device
 
@@ -88,10 +88,22 @@ def LabelPropagation(labels: File, xfm: File, reference: File | None = None) -> 
 def ComposeTransforms(xfms: list[File], reference: File | None = None) -> File:
     """One ITK displacement field for a chain of them, in ANTs order (``-t A -t B``: ``B`` acts first),
     on ``reference``'s grid (default: the first field's grid)."""
+    return _compose(xfms, reference, "composed_xfm.nii.gz")
+
+
+@python.define(outputs={"out": File})
+def ComposeTransformPair(outer: File, inner: File, reference: File | None = None) -> File:
+    """:class:`ComposeTransforms` of two fields, ``p -> outer(inner(p))`` (ANTs: ``-t outer -t inner``),
+    for splitting over one of them; named after ``outer`` (``<outer>_composed.nii.gz``)."""
+    return _compose([outer, inner], reference, _output_name(outer, "composed"))
+
+
+def _compose(xfms: list[File], reference: File | None, name: str) -> File:
+    """The work of the compose tasks, written into the job's folder."""
     fields = [transforms.read_displacement_field(xfm) for xfm in xfms]
     grid = fields[0][1] if reference is None else load_image(reference).grid
     composed = maps.compose_displacements(fields, grid)
-    return transforms.write_displacement_field(Path.cwd() / "composed_xfm.nii.gz", composed, grid)
+    return transforms.write_displacement_field(Path.cwd() / name, composed, grid)
 
 
 @python.define(outputs={"out": File})
@@ -121,10 +133,10 @@ def JacobianMaps(xfm: File) -> tuple[File, File]:
 
 
 @python.define(outputs={"average": File})
-def AverageImages(images: list[File], method: str = "mean") -> File:
+def AverageImages(images: list[File], method: str = "mean", sharpen: float = 0.0) -> File:
     """Voxel-wise ``"mean"`` or ``"median"`` of ``images`` on the first image's grid (others resampled
-    in world space)."""
-    average = maps.average_images([load_image(image) for image in images], method)
+    in world space), Laplacian-sharpened by ``sharpen`` (:func:`rwcflow.maps.laplacian_sharpen`; 0: off)."""
+    average = maps.average_images([load_image(image) for image in images], method, sharpen)
     return save_image(average, Path.cwd() / "average.nii.gz")
 
 
@@ -136,7 +148,7 @@ def _apply_transform(image: File, xfm: File, reference: File | None, labels: boo
         if target != grid:
             disp, grid = maps.resample_displacement(disp, grid, target), target
     moved = transforms.apply_displacement(load_image(image, labels=labels), disp, grid, labels=labels)
-    return save_image(moved, Path.cwd() / _output_name(image, "warped"))
+    return save_image(moved, Path.cwd() / _output_name(image, "resampled"))
 
 
 def _stem(image: os.PathLike) -> str:
@@ -153,25 +165,37 @@ def _output_name(image: os.PathLike, suffix: str) -> str:
     return f"{_stem(image)}_{suffix}.nii.gz"
 
 
-@python.define(outputs={"template": File, "log": File})
+@python.define(outputs={"template": File, "log": File, "templates": list[File]})
 def ShapeUpdate(average: File, average_xfm: File, gradient_step: float = 0.25, repeats: int = 4,
-                log: File | None = None) -> tuple[File, File]:
+                log: File | None = None, template: File | None = None, templates: list[File] | None = None,
+                ) -> tuple[File, File, list[File]]:
     """Template shape update of ANTs' ``antsMultivariateTemplateConstruction2.sh``.
 
     ``average`` is the mean of the images registered to the current template and ``average_xfm`` the
     mean of their template→subject fields: its displacement is the template's shape bias, so
     ``average`` is resampled through the field ``-gradient_step * average_xfm`` composed ``repeats``
     times (ANTs applies it 4 times), moving the template against it. ``log`` (JSON, a list with one
-    entry per update) gets this update's ``update_norm_mm``: the mean length of the average field.
+    entry per update) gets this update's ``update_norm_mm``, the mean length of the average field over
+    the template's foreground (``average`` above 10 % of its 99th percentile: in the background the
+    fields are set by regularisation alone), and ``update_norm_grid_mm``, over the whole grid.
+    ``template`` is the template the registrations were made to: it is appended to ``templates`` (the
+    previous update's output), so a chain of updates lists the template of every iteration; the new
+    one is ``template_update-<n>.nii.gz``.
     """
     disp, grid = transforms.read_displacement_field(average_xfm)
+    average_image = load_image(average)
     update = maps.compose_displacements([(-gradient_step * disp, grid)] * repeats, grid)
-    template = transforms.apply_displacement(load_image(average), update, grid)
+    updated = transforms.apply_displacement(average_image, update, grid)
+    lengths = np.linalg.norm(disp, axis=-1)
+    foreground = maps.foreground_mask(average_image if average_image.grid == grid else resample(average_image, grid))
     history = [] if log is None else json.loads(Path(log).read_text())
-    history.append({"update": len(history) + 1, "update_norm_mm": float(np.linalg.norm(disp, axis=-1).mean())})
+    history.append({"update": len(history) + 1, "update_norm_mm": float(lengths[foreground].mean()),
+                    "update_norm_grid_mm": float(lengths.mean())})
     log_path = Path.cwd() / "shape_update.json"
     log_path.write_text(json.dumps(history, indent=2))
-    return save_image(template, Path.cwd() / "template.nii.gz"), log_path
+    updated = save_image(updated, Path.cwd() / f"template_update-{len(history)}.nii.gz")
+    registered_to = [] if template is None else [template]
+    return updated, log_path, [*(templates or []), *registered_to]
 
 
 @python.define(outputs={"probabilities": File, "label_values": list[int]})

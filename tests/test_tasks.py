@@ -8,8 +8,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
-from rwcflow import transforms
+from rwcflow import maps, transforms
 from rwcflow.affine import affine_align
 from rwcflow.example import make_example_pair
 from rwcflow.io import Grid, Image, load_image, save_image
@@ -134,3 +135,23 @@ def test_average_images_mean_median_and_other_grids(tmp_path, smooth_volume, sub
     mixed = submit(AverageImages(images=[paths[0], flipped]))
     assert load_image(mixed.average).grid == grid
     np.testing.assert_allclose(_data(mixed.average), (volumes[0] + volumes[1]) / 2, atol=1e-5)
+
+
+def test_average_images_sharpened_by_the_laplacian(tmp_path, submit):
+    """``a - s * laplacian(a)``: a quadratic bowl loses ``2 s`` per axis inside, values stay in range."""
+    grid = _oblique_grid((12, 11, 10))
+    i, j, k = np.indices(grid.shape, dtype=np.float64)
+    bowl = (0.01 * ((i - 5.5) ** 2 + (j - 5) ** 2 + (k - 4.5) ** 2) + 1.0).astype(np.float32)
+    path = save_image(Image(bowl, grid.affine), tmp_path / "bowl.nii.gz")
+    sharpened = _data(submit(AverageImages(images=[path, path], sharpen=0.5)).average)
+    interior = (slice(1, -1),) * 3
+    np.testing.assert_allclose(sharpened[interior], (bowl - 0.5 * 3 * 2 * 0.01)[interior].clip(bowl.min()), atol=1e-5)
+    assert sharpened.min() >= bowl.min() and sharpened.max() <= bowl.max()
+    # a blurred edge gets steeper, a linear ramp is left alone inside
+    edge = ndimage.gaussian_filter((i > 5.5).astype(np.float64), 1.0).astype(np.float32)
+    steep = maps.laplacian_sharpen(edge, 0.5)
+    assert np.abs(np.diff(steep, axis=0)).max() > 1.2 * np.abs(np.diff(edge, axis=0)).max()
+    ramp = (i + 2 * j - k).astype(np.float32)
+    np.testing.assert_allclose(maps.laplacian_sharpen(ramp, 1.0)[interior], ramp[interior], atol=1e-4)
+    with pytest.raises(ValueError, match="strength"):
+        maps.laplacian_sharpen(ramp, -1.0)

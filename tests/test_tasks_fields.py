@@ -21,10 +21,6 @@ def _grid(shape=(14, 12, 10)) -> Grid:
     return Grid(shape, affine)
 
 
-def _points(grid: Grid) -> np.ndarray:
-    return grid.voxel_to_world(np.moveaxis(np.indices(grid.shape, dtype=np.float64), 0, -1))
-
-
 def _inside(grid: Grid, points: np.ndarray) -> np.ndarray:
     """Which world ``points`` lie within ``grid``'s outermost voxel centres."""
     voxels = grid.world_to_voxel(points)
@@ -44,7 +40,7 @@ def _voxel_field_in_mm(field, grid: Grid) -> np.ndarray:
 
 def test_compose_translations_sum_and_ants_order(tmp_path, submit):
     grid = _grid()
-    points = _points(grid)
+    points = grid.world_points()
     t1, t2 = np.array([1.5, -2.0, 0.7]), np.array([-0.6, 1.1, 2.3])
     out = submit(ComposeTransforms(xfms=[_field(tmp_path, "t1", t1, grid), _field(tmp_path, "t2", t2, grid)]))
     disp, composed_grid = transforms.read_displacement_field(out.out)
@@ -70,7 +66,7 @@ def test_compose_translations_sum_and_ants_order(tmp_path, submit):
     out = submit(ComposeTransforms(xfms=[_field(tmp_path, "t2", t2, grid), scaling], reference=ref))
     disp, composed_grid = transforms.read_displacement_field(out.out)
     assert composed_grid == reference
-    ref_points = _points(reference)
+    ref_points = reference.world_points()
     assert _inside(grid, ref_points).all()
     np.testing.assert_allclose(disp, (ref_points - centre) @ (scale - np.eye(3)).T + t2, atol=1e-4)
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from rwcflow import spatial, transforms
+from rwcflow import maps, spatial, transforms
 from rwcflow.example import make_example_pair
-from rwcflow.io import Grid, Image, load_image, save_image
+from rwcflow.io import Grid, Image, load_image, resample, save_image
 from rwcflow.workflows.longitudinal import Longitudinal
 
 BLOB_CENTRE_MM = np.array([0.0, -10.0, 10.0])  # near the ventricles: local structure a registration can see
@@ -84,9 +84,44 @@ def test_local_volume_loss_is_recovered_by_an_unbiased_template(sessions, submit
         assert error < 0.1 * template.data[brain_mask].mean()
 
 
-def test_single_session_passes_through(sessions, submit):
+def test_sessions_are_carried_into_a_group_template(sessions, tmp_path, submit):
+    """The group template is the first session moved 6 mm in world space: the composed transforms carry
+    both sessions onto it, and equal the composition of the two registrations' fields."""
+    paths, brain, distance, _ = sessions
+    shifted = brain.affine.copy()
+    shifted[:3, 3] += [6.0, -6.0, 0.0]
+    group = save_image(Image(brain.data, shifted), tmp_path / "tpl-group_T1w.nii.gz")
+    out = submit(Longitudinal(sessions=paths, iterations=1, model="none", io_iters=20, affine=True, device="cpu",
+                              group_template=group))
+    group_grid = load_image(group).grid
+    assert len(out.group_xfms) == len(out.group_warped) == 2
+    assert [Path(path).name for path in out.group_xfms] == ["ses-1_T1w_xfm_composed.nii.gz",
+                                                            "ses-2_T1w_xfm_composed.nii.gz"]
+    to_group, grid = transforms.read_displacement_field(out.group_xfm)
+    assert grid == group_grid
+    # far from the blob both sessions are the brain: there the mapping is the 6 mm shift
+    far = (distance >= 4 * BLOB_SIGMA_MM) & (brain.data > 0.1 * brain.data.max())
+    for session_xfm, xfm, warped in zip(out.xfms, out.group_xfms, out.group_warped):
+        disp, grid = transforms.read_displacement_field(xfm)
+        assert grid == group_grid
+        expected = maps.compose_displacements([transforms.read_displacement_field(session_xfm),
+                                               (to_group, grid)], grid)
+        np.testing.assert_allclose(disp, expected, atol=1e-4)
+        np.testing.assert_allclose(np.median(disp[far], axis=0), [-6.0, 6.0, 0.0], atol=1.0)
+        moved = load_image(warped)
+        assert moved.grid == group_grid
+        # closer to the group template than the session merely resampled onto its grid (1 voxel off)
+        unaligned = resample(load_image(paths[0]), group_grid).data
+        fit, before = (np.corrcoef(data[far], brain.data[far])[0, 1] for data in (moved.data, unaligned))
+        assert fit > before + 0.3
+
+
+def test_single_session_passes_through(sessions, submit, caplog):
     paths, brain, _, _ = sessions
-    out = submit(Longitudinal(sessions=paths[:1], model="none", io_iters=5, device="cpu"))
+    with caplog.at_level("WARNING", logger="rwcflow"):
+        out = submit(Longitudinal(sessions=paths[:1], model="none", io_iters=5, device="cpu"))
+    assert "a single session" in caplog.text and "ses-1_T1w" in caplog.text
+    assert out.group_xfms is None
     np.testing.assert_array_equal(load_image(out.template).data, brain.data)
     disp, grid = transforms.read_displacement_field(out.xfms[0])
     assert grid == brain.grid

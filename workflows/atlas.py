@@ -1,8 +1,9 @@
 """Unbiased template (atlas) construction, as ANTs' ``antsMultivariateTemplateConstruction2.sh`` does it.
 
 Start from the average of the images affinely aligned to the first (or from a given template); then,
-``iterations`` times: register every image to the template, average the warped images and the
-template→subject fields, and move the average against the mean field (:class:`rwcflow.tasks.ShapeUpdate`).
+``iterations`` times: register every image to the template, average the warped images (optionally
+sharpened) and the template→subject fields, and move the average against the mean field
+(:class:`rwcflow.tasks.ShapeUpdate`).
 Every image is finally registered to the last template. rwcflow's fields map template points to subject
 points, so their mean displacement is the template's shape bias, and the update pulls the average
 image back through ``-gradient_step`` times it.
@@ -27,24 +28,28 @@ def _register_all(template, images: list[File], labels: list[File] | None, name:
 
 
 @workflow.define(outputs={"template": File, "xfms": list[File], "warped": list[File], "log": File,
-                          "label_probabilities": File | None, "label_values": list[int] | None})
+                          "templates": list[File], "label_probabilities": File | None,
+                          "label_values": list[int] | None})
 def Atlas(images: list[File], iterations: int = 3, gradient_step: float = 0.25, shape_repeats: int = 4,
-          model: str = "default", io_iters: int | None = None, io_grid_factor: int | None = None,
-          affine: bool = True, device: str = "auto", labels: list[File] | None = None,
-          initial_template: File | None = None):
+          sharpen: float = 0.0, model: str = "default", io_iters: int | None = None,
+          io_grid_factor: int | None = None, affine: bool = True, device: str = "auto",
+          labels: list[File] | None = None, initial_template: File | None = None):
     """Build an unbiased template from ``images``.
 
     Inputs: ``images`` (two or more NIfTI/MGZ images); ``iterations`` (template updates, fixed when the
     workflow is built); ``gradient_step`` (fraction of the mean field removed per update step) applied
-    ``shape_repeats`` times (ANTs: 4); ``model``, ``io_iters``, ``io_grid_factor``, ``affine``,
-    ``device`` (as for :class:`rwcflow.tasks.Register`); ``labels`` (one label map per image, same
-    grids) for label probability maps; ``initial_template`` (default: the mean of the images on the
-    first one's grid, affinely aligned to it when ``affine``).
+    ``shape_repeats`` times (ANTs: 4); ``sharpen``, the Laplacian sharpening of each average
+    (:func:`rwcflow.maps.laplacian_sharpen`; 0: none, ANTs sharpens by default); ``model``,
+    ``io_iters``, ``io_grid_factor``, ``affine``, ``device`` (as for :class:`rwcflow.tasks.Register`);
+    ``labels`` (one label map per image, same grids) for label probability maps; ``initial_template``
+    (default: the mean of the images on the first one's grid, affinely aligned to it when ``affine``).
 
     Outputs: ``template`` (on the initial template's grid); ``xfms`` (each image's ITK displacement
     field template→image, affine included) and ``warped`` (each image on the template), from the
     registrations to the final template; ``log`` (JSON, one entry per update with ``update_norm_mm``,
-    the mean length in mm of the average template→subject field); with ``labels``,
+    the mean length in mm of the average template→subject field over the template's foreground);
+    ``templates``, the template of each iteration (the initial one first; ``template`` follows the
+    last); with ``labels``,
     ``label_probabilities`` (4-D, the fraction of subjects with label ``label_values[n]`` in volume
     ``n``) and ``label_values``, else ``None``.
     """
@@ -62,17 +67,18 @@ def Atlas(images: list[File], iterations: int = 3, gradient_step: float = 0.25, 
             starts = _register_all(images[0], images, None, "affine_to_first", model="none", io_iters=0,
                                    device=device).warped
         template = workflow.add(AverageImages(images=starts), name="initial_average").average
-    log = None
+    log = templates = None
     for k in range(iterations):
         registered = _register_all(template, images, None, f"register_{k}", **options)
-        average = workflow.add(AverageImages(images=registered.warped), name=f"average_{k}")
+        average = workflow.add(AverageImages(images=registered.warped, sharpen=sharpen), name=f"average_{k}")
         field = workflow.add(AverageFields(xfms=registered.xfm), name=f"average_field_{k}")
         update = workflow.add(ShapeUpdate(average=average.average, average_xfm=field.out, gradient_step=gradient_step,
-                                          repeats=shape_repeats, log=log), name=f"shape_update_{k}")
-        template, log = update.template, update.log
+                                          repeats=shape_repeats, log=log, template=template, templates=templates),
+                              name=f"shape_update_{k}")
+        template, log, templates = update.template, update.log, update.templates
     final = _register_all(template, images, labels, "register_final", **options)
     probabilities = values = None
     if labels is not None:
         maps = workflow.add(LabelProbabilities(label_maps=final.warped_labels), name="label_probabilities")
         probabilities, values = maps.probabilities, maps.label_values
-    return template, final.xfm, final.warped, log, probabilities, values
+    return template, final.xfm, final.warped, log, templates, probabilities, values

@@ -4,11 +4,14 @@ each session's transforms and volume-change (Jacobian) maps in template space.
 The template is the :func:`~rwcflow.workflows.atlas.Atlas` of the sessions (iterative groupwise
 registration, as ANTs' template construction does, so that no session is privileged), with the mean
 shape removed in one step of ``step`` per update (``T(p) <- mean_i warped_i(p - step * mean_i u_i(p))``).
-Its final registrations give the outputs, with their inverses and Jacobian maps.
+Its final registrations give the outputs, with their inverses and Jacobian maps. Given a group template,
+the within-subject template is registered to it and every session's transform into group space is the
+composition of the two (one interpolation from the session to the group grid).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +20,11 @@ from pydra.compose import python, workflow
 
 from rwcflow import transforms
 from rwcflow.io import load_image, save_image
-from rwcflow.tasks import InvertTransform, JacobianMaps, _output_name
+from rwcflow.tasks import (ApplyTransform, ComposeTransformPair, InvertTransform, JacobianMaps, Register,
+                           _output_name)
 from rwcflow.workflows.atlas import Atlas
+
+log = logging.getLogger("rwcflow")
 
 
 @python.define(outputs={"template": File, "xfms": list[File], "warped": list[File]})
@@ -32,9 +38,11 @@ def SingleSession(session: File) -> tuple[File, list[File], list[File]]:
             [save_image(image, Path.cwd() / _output_name(session, "warped"))])
 
 
-@workflow.define(outputs=["template", "xfms", "inverse_xfms", "warped", "jacobians", "log_jacobians"])
+@workflow.define(outputs=["template", "xfms", "inverse_xfms", "warped", "jacobians", "log_jacobians",
+                          "group_xfm", "group_xfms", "group_warped"])
 def Longitudinal(sessions: list[File], iterations: int = 2, step: float = 0.5, model: str = "default",
-                 io_iters: int | None = None, io_grid_factor: int = 1, affine: bool = True, device: str = "auto"):
+                 io_iters: int | None = None, io_grid_factor: int = 1, affine: bool = True, device: str = "auto",
+                 group_template: File | None = None):
     """All sessions of one participant -> an unbiased within-subject template, transforms and change maps.
 
     Args:
@@ -48,6 +56,8 @@ def Longitudinal(sessions: list[File], iterations: int = 2, step: float = 0.5, m
         affine: estimate an affine pre-alignment in every registration (and start from the average of
             the sessions affinely aligned to the first; without it, from their plain world-space average).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``, resolved inside each job.
+        group_template: an optional group template (e.g. a cohort's :func:`~rwcflow.workflows.atlas.Atlas`
+            or MNI152) to carry the sessions into.
 
     Returns:
         template: the within-subject template (on the first session's grid).
@@ -59,9 +69,15 @@ def Longitudinal(sessions: list[File], iterations: int = 2, step: float = 0.5, m
             is larger there than the template).
         log_jacobians: per session, its logarithm; the difference between two sessions is the log
             volume change between them.
+        group_xfm: with ``group_template``, the group->template mapping (the within-subject template
+            registered to the group template; a field on the group grid), else ``None``.
+        group_xfms: with ``group_template``, per session, the group->session mapping composed through
+            the template (the session resampled through it lies on the group template), else ``None``.
+        group_warped: with ``group_template``, per session, the session resampled onto the group
+            template through ``group_xfms``, else ``None``.
 
-    A participant with a single session passes through: the template is that session, the transforms
-    are the identity, the Jacobian is 1 and the log-Jacobian 0 everywhere.
+    A participant with a single session passes through with a logged notice: the template is that
+    session, the transforms are the identity, the Jacobian is 1 and the log-Jacobian 0 everywhere.
     """
     if not sessions:
         raise ValueError("Longitudinal needs at least one session")
@@ -70,14 +86,29 @@ def Longitudinal(sessions: list[File], iterations: int = 2, step: float = 0.5, m
     if iterations < 1:
         raise ValueError(f"iterations must be at least 1, got {iterations}")
     if len(sessions) == 1:
+        log.warning("%s: a single session, so no within-subject template is built: the session is its own "
+                    "template, with identity transforms and no change maps", sessions[0])
         single = workflow.add(SingleSession(session=sessions[0]))
-        jacobians = workflow.add(JacobianMaps().split(xfm=single.xfms).combine("xfm"), name="jacobians")
-        return single.template, single.xfms, single.xfms, single.warped, jacobians.jacobian, jacobians.log_jacobian
-
-    atlas = workflow.add(Atlas(images=sessions, iterations=iterations, gradient_step=step, shape_repeats=1,
-                               model=model, io_iters=io_iters, io_grid_factor=io_grid_factor, affine=affine,
-                               device=device), name="template")
-    inverse = workflow.add(InvertTransform().split(xfm=atlas.xfms).combine("xfm"), name="invert")
-    jacobians = workflow.add(JacobianMaps().split(xfm=atlas.xfms).combine("xfm"), name="jacobians")
+        template, xfms, inverse_xfms, warped = single.template, single.xfms, single.xfms, single.warped
+    else:
+        atlas = workflow.add(Atlas(images=sessions, iterations=iterations, gradient_step=step, shape_repeats=1,
+                                   model=model, io_iters=io_iters, io_grid_factor=io_grid_factor, affine=affine,
+                                   device=device), name="template")
+        inverse = workflow.add(InvertTransform().split(xfm=atlas.xfms).combine("xfm"), name="invert")
+        template, xfms, inverse_xfms, warped = atlas.template, atlas.xfms, inverse.out, atlas.warped
+    jacobians = workflow.add(JacobianMaps().split(xfm=xfms).combine("xfm"), name="jacobians")
+    group_xfm = group_xfms = group_warped = None
+    if group_template is not None:
+        to_group = workflow.add(Register(fixed=group_template, moving=template, model=model, io_iters=io_iters,
+                                         affine=affine, device=device), name="template_to_group")
+        # the group->template field acts first, then the template->session one
+        composed = workflow.add(ComposeTransformPair(inner=to_group.xfm, reference=group_template)
+                                .split(outer=xfms).combine("outer"), name="compose_to_group")
+        group_xfm, group_xfms = to_group.xfm, composed.out
+        resampled = workflow.add(ApplyTransform(reference=group_template).split(("image", "xfm"), image=sessions,
+                                                                                xfm=group_xfms)
+                                 .combine("image"), name="sessions_to_group")
+        group_warped = resampled.out
     # every per-session file is named after its session (Register, then the tasks on its outputs)
-    return atlas.template, atlas.xfms, inverse.out, atlas.warped, jacobians.jacobian, jacobians.log_jacobian
+    return (template, xfms, inverse_xfms, warped, jacobians.jacobian, jacobians.log_jacobian,
+            group_xfm, group_xfms, group_warped)
