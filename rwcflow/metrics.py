@@ -218,6 +218,15 @@ def endpoint_error(
     return float(error.mean()), float(np.percentile(error, 95))
 
 
+def image_correlation(reference: ArrayLike, image: ArrayLike, mask: ArrayLike | None = None) -> float:
+    """Pearson correlation of two images' intensities over ``mask`` (default: the whole volume)."""
+    a, b = _volume(reference).astype(np.float64), _volume(image).astype(np.float64)
+    if mask is not None:
+        inside = _volume(mask).astype(bool)
+        a, b = a[inside], b[inside]
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
 def _json_number(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 

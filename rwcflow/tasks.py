@@ -14,7 +14,9 @@ process that has not, call ``torch.set_num_threads(1)`` first, or use
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,8 @@ from rwcflow.affine import affine_align
 from rwcflow.io import Image, load_image, resample, save_image
 from rwcflow.optimize import InstanceOptimization
 from rwcflow.register import register, resolve_device
+
+log = logging.getLogger("rwcflow")
 
 
 def _optional(file: File | None, *, labels: bool = True) -> Image | None:
@@ -59,11 +63,15 @@ def Register(fixed: File, moving: File, model: str = "default", io_iters: int | 
     """
     options = False if io_iters == 0 else InstanceOptimization(**{
         key: value for key, value in (("iterations", io_iters), ("grid_factor", io_grid_factor)) if value is not None})
+    name, start = f"{Path(moving).name} -> {Path(fixed).name}", time.perf_counter()
+    log.info("%s: registering", name)
     result = register(
         fixed, moving, model=model, affine=affine, instance_optimization=options,
         device=device, fixed_mask=fixed_mask, moving_mask=moving_mask,
         fixed_labels=fixed_labels, moving_labels=moving_labels,
+        progress=lambda message: log.debug("%s: %s", name, message),
     )
+    log.info("%s: registered in %.1f s", name, time.perf_counter() - start)
     # named after the moving image, so a workflow collecting several registrations keeps their names apart
     prefix = f"{_stem(moving)}_"
     written = {path.name[len(prefix):]: path for path in result.write(Path.cwd(), prefix=prefix)}

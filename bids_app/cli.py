@@ -1,0 +1,164 @@
+"""``rwcflow bids_dir output_dir {participant,group}``: the BIDS App command line (BIDS Apps spec, with
+fMRIPrep's flags where they mean the same).
+
+Exit codes: 0 all done; 1 some participants failed (the others completed; see the log and reports);
+2 bad input or usage (one line naming the file and the problem, nothing run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from rwcflow import __version__
+from rwcflow.errors import RwcflowError
+
+from . import dataset, derivatives
+from .options import RunOptions, limit_threads
+from .spaces import BUILTIN, UNBIASED, resolve_template
+
+log = logging.getLogger("rwcflow")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rwcflow", description="RWCNet registration of BIDS datasets: longitudinal within-subject templates "
+                                    "and Jacobian change maps (participant level), unbiased group templates (group level).")
+    parser.add_argument("bids_dir", type=Path, help="the input BIDS dataset (only ever read)")
+    parser.add_argument("output_dir", type=Path, help="the derivatives folder (outside the input dataset)")
+    parser.add_argument("analysis_level", choices=["participant", "group"], help="processing stage")
+    parser.add_argument("--version", action="version", version=f"rwcflow {__version__}")
+
+    selection = parser.add_argument_group("selecting data")
+    selection.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL",
+                           help="participants to process (with or without 'sub-'); default: all")
+    selection.add_argument("--session-label", nargs="+", metavar="LABEL",
+                           help="sessions to use (with or without 'ses-'); default: all")
+    selection.add_argument("--bids-filter-file", type=Path, metavar="FILE",
+                           help='JSON query for the structural images, as in fMRIPrep: {"t1w": {"acquisition": "mprage"}}')
+    selection.add_argument("--modality", default="T1w", help="suffix of the structural images (default: T1w)")
+    selection.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
+                           help="do not run the BIDS validator on the input")
+
+    registration = parser.add_argument_group("registration")
+    registration.add_argument("--template", default=UNBIASED, metavar="TEMPLATE",
+                              help=f"group template: a NIfTI file, {BUILTIN}[:res-2][:desc-brain] (shipped with "
+                                   f"nilearn), or '{UNBIASED}' (built from the data by the group level; default)")
+    registration.add_argument("--model", default="default", help="RWCNet model: default | none | a model file")
+    registration.add_argument("--io-iters", type=int, metavar="N",
+                              help="instance-optimisation steps per level (0: off; default: rwcflow's)")
+    registration.add_argument("--longitudinal-iterations", type=int, default=2, metavar="K",
+                              help="within-subject template updates (default 2)")
+    registration.add_argument("--group-iterations", type=int, default=3, metavar="K",
+                              help="group template updates (default 3)")
+    registration.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    registration.add_argument("--random-seed", type=int, default=0, metavar="SEED",
+                              help="seed of every random generator (same inputs, seed and hardware: same outputs)")
+
+    execution = parser.add_argument_group("execution")
+    execution.add_argument("-w", "--work-dir", type=Path, default=Path("work"),
+                           help="Pydra's cache: re-running with the same one resumes (default: ./work)")
+    execution.add_argument("--nprocs", "--n-cpus", type=int, default=os.cpu_count() or 1,
+                           help="CPUs to use in all (default: all)")
+    execution.add_argument("--omp-nthreads", type=int, default=1, help="threads per job (default 1)")
+    execution.add_argument("--plugin", choices=["cf", "slurm"], default="cf",
+                           help="Pydra worker: cf (local processes) or slurm (one SLURM job per task)")
+    execution.add_argument("--slurm-args", default="", metavar="ARGS",
+                           help='sbatch options for every job with --plugin slurm, e.g. "-p gpu --gres=gpu:1"')
+    execution.add_argument("-v", "--verbose", action="count", default=0, help="more messages (-vv: debug)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        return run(args)
+    except RwcflowError as exc:
+        print(f"rwcflow: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check everything, then run the level; the number of failed participants decides the exit code."""
+    bids_dir, output_dir, work_dir = args.bids_dir.absolute(), args.output_dir.absolute(), args.work_dir.absolute()
+    dataset.check_dataset(bids_dir)
+    dataset.check_output_location(bids_dir, output_dir, "output folder")
+    dataset.check_output_location(bids_dir, work_dir, "work folder")
+    if args.nprocs < 1 or args.omp_nthreads < 1:
+        raise RwcflowError("--nprocs and --omp-nthreads must be at least 1")
+    if not args.skip_bids_validation:
+        dataset.validate(bids_dir)
+    filters = dataset.read_filters(args.bids_filter_file)
+    participants = dataset.find_participants(bids_dir, participants=args.participant_label,
+                                             sessions=args.session_label, modality=args.modality, filters=filters)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    options = RunOptions(template=resolve_template(args.template, work_dir), work_dir=work_dir, model=args.model,
+                         io_iters=args.io_iters, device=args.device,
+                         longitudinal_iterations=args.longitudinal_iterations,
+                         group_iterations=args.group_iterations, nprocs=args.nprocs,
+                         omp_nthreads=args.omp_nthreads, plugin=args.plugin, slurm_args=args.slurm_args,
+                         seed=args.random_seed)
+    _seed(options.seed)
+    limit_threads(options.omp_nthreads)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _log_to_file(output_dir, args.analysis_level)
+    derivatives.dataset_description(output_dir, bids_dir)
+    from .reports import citation_text  # matplotlib and nilearn's plotting: imported only to run a level
+
+    derivatives.write_text(output_dir / "logs" / "CITATION.md", citation_text())
+    log.info("rwcflow %s, %s level: %d participant(s), template %s", __version__, args.analysis_level,
+             len(participants), options.template.name)
+    start = time.perf_counter()
+    if args.analysis_level == "participant":
+        from .participant import run_participants
+
+        failed = run_participants(participants, bids_dir, output_dir, options)
+    else:
+        from .group import run_group
+
+        failed = run_group(participants, bids_dir, output_dir, options)
+    log.info("finished in %.0f s: %d done, %d failed%s", time.perf_counter() - start,
+             len(participants) - len(failed), len(failed), f" ({', '.join(f'sub-{f}' for f in failed)})" if failed else "")
+    return 1 if failed else 0
+
+
+def _seed(seed: int) -> None:
+    """Seed Python, NumPy and torch here; forked jobs inherit the state, so reruns are identical."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _configure_logging(verbosity: int) -> None:
+    """Progress (per participant, per registration) on stderr; ``-v`` adds rwcflow's details, ``-vv``
+    Pydra's."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s rwcflow: %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbosity >= 1 else logging.INFO)
+    log.propagate = False
+    logging.getLogger("pydra").setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
+
+
+def _log_to_file(output_dir: Path, level: str) -> None:
+    """Also keep the messages in ``output_dir/logs/rwcflow-<level>-<time>.log``."""
+    folder = output_dir / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(folder / f"rwcflow-{level}-{time.strftime('%Y%m%d-%H%M%S')}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""BIDS derivatives: the names rwcflow writes (NiPreps conventions), their JSON sidecars, and the
+dataset description. Every file is written atomically (a temporary file renamed into place), so an
+interrupted run never leaves a half-written output.
+
+Names, for a source image ``<src>`` (its entities, e.g. ``sub-01_ses-1``) of participant ``sub-01``:
+
+| file | what |
+|---|---|
+| ``sub-01/anat/sub-01_desc-template_T1w.nii.gz`` | the within-subject template (space ``T1w``) |
+| ``<dir>/<src>_from-orig_to-T1w_mode-image_xfm.nii.gz`` | resamples the session into the template |
+| ``<dir>/<src>_from-T1w_to-orig_mode-image_xfm.nii.gz`` | its inverse |
+| ``<dir>/<src>_space-T1w_desc-registered_T1w.nii.gz`` | the session resampled into the template |
+| ``<dir>/<src>_space-T1w_jacobian.nii.gz``, ``..._desc-log_jacobian.nii.gz`` | volume change maps |
+| ``sub-01/anat/sub-01_from-T1w_to-<tpl>_mode-image_xfm.nii.gz`` | the template into group space |
+| ``<dir>/<src>_from-orig_to-<tpl>_mode-image_xfm.nii.gz``, ``<src>_space-<tpl>_desc-registered_T1w.nii.gz`` | the session into group space |
+| ``tpl-<tpl>/tpl-<tpl>_T1w.nii.gz`` | a group template built by the group level |
+
+``<dir>`` is the source's own folder (``sub-01/ses-1/anat``). Transforms are ITK displacement fields.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from rwcflow import __version__
+from rwcflow.io import atomic_write
+
+from .dataset import entities, source_prefix
+
+SUBJECT_SPACE = "T1w"
+"""The space of the within-subject template, as NiPreps call a participant's anatomical reference."""
+
+
+def source_folder(output_dir: Path, source: Path) -> Path:
+    """Where the derivatives of ``source`` go: its own ``sub-*/[ses-*/]anat`` folder in ``output_dir``."""
+    names = entities(source)
+    folder = output_dir / f"sub-{names['sub']}"
+    if "ses" in names:
+        folder = folder / f"ses-{names['ses']}"
+    return folder / "anat"
+
+
+def derivative_path(output_dir: Path, source: Path, name: str) -> Path:
+    """``output_dir/sub-*/[ses-*/]anat/<source entities>_<name>``."""
+    return source_folder(output_dir, source) / f"{source_prefix(source)}_{name}"
+
+
+def participant_path(output_dir: Path, participant: str, name: str) -> Path:
+    """``output_dir/sub-<participant>/anat/sub-<participant>_<name>`` (participant-wide files)."""
+    return output_dir / f"sub-{participant}" / "anat" / f"sub-{participant}_{name}"
+
+
+def template_path(output_dir: Path, template: str, name: str = "T1w.nii.gz") -> Path:
+    """``output_dir/tpl-<template>/tpl-<template>_<name>``."""
+    return output_dir / f"tpl-{template}" / f"tpl-{template}_{name}"
+
+
+def bids_uri(path: Path, root: Path, dataset: str) -> str:
+    """``bids:<dataset>:<relative path>`` for a file of ``root`` (BIDS URIs of sidecars' ``Sources``)."""
+    return f"bids:{dataset}:{Path(os.path.relpath(path, root)).as_posix()}"
+
+
+def write_text(path: Path, text: str) -> Path:
+    """``text`` into ``path``, atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: Path, content: dict) -> Path:
+    """``content`` as indented JSON, atomically."""
+    return write_text(path, json.dumps(content, indent=2) + "\n")
+
+
+def copy_output(produced: Path, path: Path, sidecar: dict | None = None) -> Path:
+    """Copy a workflow output into the derivatives atomically, with a JSON sidecar beside it if given."""
+    atomic_write(path, lambda tmp: shutil.copyfile(produced, tmp))
+    if sidecar is not None:
+        write_json(path.parent / (path.name.split(".")[0] + ".json"), sidecar)
+    return path
+
+
+def dataset_description(output_dir: Path, bids_dir: Path) -> Path:
+    """``dataset_description.json`` of the derivatives: ``DatasetType: derivative``, ``GeneratedBy``
+    (with the container when run inside Singularity/Apptainer or Docker), the source dataset."""
+    generated_by = {"Name": "rwcflow", "Version": __version__,
+                    "Description": "RWCNet deformable registration: longitudinal and group templates",
+                    "CodeURL": "https://github.com/rwcflow/rwcflow"}
+    container = os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER")
+    if container:
+        generated_by["Container"] = {"Type": "singularity", "URI": container}
+    elif Path("/.dockerenv").exists():
+        generated_by["Container"] = {"Type": "docker"}
+    source = json.loads((bids_dir / "dataset_description.json").read_text())
+    return write_json(output_dir / "dataset_description.json", {
+        "Name": f"rwcflow derivatives of {source.get('Name', bids_dir.name)}",
+        "BIDSVersion": source.get("BIDSVersion", "1.9.0"),
+        "DatasetType": "derivative",
+        "GeneratedBy": [generated_by],
+        "SourceDatasets": [{"URL": bids_dir.resolve().as_uri()}],
+        "DatasetLinks": {"raw": bids_dir.resolve().as_uri()},
+        "HowToAcknowledge": "Cite rwcflow and RWCNet (Sivan et al. 2022); see logs/CITATION.md.",
+    })

@@ -1,0 +1,53 @@
+"""The run options both levels share, and the Pydra submitter they run workflows with."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydra.engine.submitter import Submitter
+
+from .spaces import TemplateChoice
+
+
+@dataclass
+class RunOptions:
+    """What the command line decided (see ``rwcflow --help``)."""
+
+    template: TemplateChoice
+    work_dir: Path
+    model: str = "default"
+    io_iters: int | None = None
+    device: str = "auto"
+    longitudinal_iterations: int = 2
+    group_iterations: int = 3
+    nprocs: int = 1
+    omp_nthreads: int = 1
+    plugin: str = "cf"
+    slurm_args: str = ""
+    seed: int = 0
+
+    def parameters(self) -> dict:
+        """The options recorded in sidecars and reports."""
+        return {"template": self.template.name, "model": self.model, "io_iters": self.io_iters,
+                "device": self.device, "longitudinal_iterations": self.longitudinal_iterations,
+                "group_iterations": self.group_iterations, "random_seed": self.seed}
+
+    def submitter(self) -> Submitter:
+        """A Pydra submitter caching into the work folder: ``cf`` runs ``nprocs / omp_nthreads`` jobs at
+        once (forked, each with ``omp_nthreads`` threads), ``slurm`` submits each job with ``slurm_args``."""
+        cache = self.work_dir / "pydra"
+        if self.plugin == "slurm":
+            return Submitter(worker="slurm", cache_root=cache, sbatch_args=self.slurm_args)
+        return Submitter(worker="cf", cache_root=cache, n_procs=max(1, self.nprocs // self.omp_nthreads))
+
+
+def limit_threads(threads: int) -> None:
+    """Threads of this process and of the jobs it forks (torch and the OpenMP/BLAS libraries)."""
+    import torch
+
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[variable] = str(threads)
+    torch.set_num_threads(threads)
+
