@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,11 +37,22 @@ class RunOptions:
 
     def submitter(self) -> Submitter:
         """A Pydra submitter caching into the work folder: ``cf`` runs ``nprocs / omp_nthreads`` jobs at
-        once (forked, each with ``omp_nthreads`` threads), ``slurm`` submits each job with ``slurm_args``."""
+        once (forked, each with ``omp_nthreads`` threads), ``slurm`` submits each job with ``slurm_args``.
+        Jobs that failed in an earlier run are forgotten first, so that a re-run retries them."""
         cache = self.work_dir / "pydra"
+        forget_failures(cache)
         if self.plugin == "slurm":
             return Submitter(worker="slurm", cache_root=cache, sbatch_args=self.slurm_args)
         return Submitter(worker="cf", cache_root=cache, n_procs=max(1, self.nprocs // self.omp_nthreads))
+
+
+def forget_failures(cache: Path) -> list[Path]:
+    """Remove the cache folders of failed jobs (those holding ``_error.pklz``): Pydra would otherwise
+    report a nested workflow that failed once as failed again, without running it. Finished jobs stay."""
+    failed = [job for job in cache.glob("*") if (job / "_error.pklz").exists()] if cache.is_dir() else []
+    for job in failed:
+        shutil.rmtree(job, ignore_errors=True)
+    return failed
 
 
 def limit_threads(threads: int) -> None:

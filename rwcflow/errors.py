@@ -13,6 +13,10 @@ class InputError(RwcflowError):
         self.problem = problem
         super().__init__(f"{path}: {problem}")
 
+    def __reduce__(self):
+        # rebuilt from its two parts, so that it crosses process boundaries (Pydra's workers) intact
+        return type(self), (self.path, self.problem)
+
 
 class ModelFileError(InputError):
     """A model file is corrupt, of another format version, or does not match the network."""
