@@ -1,0 +1,183 @@
+"""The BIDS App end to end: ``rwcflow`` on a generated dataset (2 participants × 2 sessions, 6 mm), the
+participant then the group level; names, geometry, sidecars, dataset description, reports; a failing
+participant; a re-run that resumes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from rwcflow import transforms
+from rwcflow.bids_app.cli import main
+from rwcflow.bids_app.demo import write_demo_dataset
+from rwcflow.io import load_image
+
+FAST = ["--model", "none", "--io-iters", "10", "--nprocs", "1", "--skip-bids-validation",
+        "--longitudinal-iterations", "1", "--group-iterations", "1", "--device", "cpu"]
+SESSION_FILES = ["from-orig_to-T1w_mode-image_xfm.nii.gz", "from-T1w_to-orig_mode-image_xfm.nii.gz",
+                 "space-T1w_desc-registered_T1w.nii.gz", "space-T1w_jacobian.nii.gz",
+                 "space-T1w_desc-log_jacobian.nii.gz"]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The demo dataset, and the participant and group levels run on it (exit codes kept)."""
+    root = tmp_path_factory.mktemp("study")
+    raw = write_demo_dataset(root / "raw", participants=2, sessions=2, resolution_mm=6.0)
+    out, work = root / "derivatives", root / "work"
+    before = _digests(raw)
+    participant = main([str(raw), str(out), "participant", "-w", str(work), *FAST])
+    group = main([str(raw), str(out), "group", "-w", str(work), *FAST])
+    return {"raw": raw, "out": out, "work": work, "codes": (participant, group), "raw_digests": before}
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_both_levels_succeed_and_leave_the_input_untouched(study):
+    assert study["codes"] == (0, 0)
+    assert _digests(study["raw"]) == study["raw_digests"]
+
+
+def test_participant_derivatives_have_bids_names_and_geometry(study):
+    out = study["out"]
+    for sub in ("01", "02"):
+        template = load_image(out / f"sub-{sub}" / "anat" / f"sub-{sub}_desc-template_T1w.nii.gz")
+        for ses in ("1", "2"):
+            folder = out / f"sub-{sub}" / f"ses-{ses}" / "anat"
+            for name in SESSION_FILES:
+                path = folder / f"sub-{sub}_ses-{ses}_{name}"
+                assert path.is_file(), path
+                sidecar = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
+                assert sidecar["Sources"] == [f"bids:raw:sub-{sub}/ses-{ses}/anat/sub-{sub}_ses-{ses}_T1w.nii.gz"]
+            # every map lies on the template's grid; the transforms are ITK fields on it
+            registered = load_image(folder / f"sub-{sub}_ses-{ses}_space-T1w_desc-registered_T1w.nii.gz")
+            assert registered.grid == template.grid
+            for name in SESSION_FILES[:2]:
+                disp, grid = transforms.read_displacement_field(folder / f"sub-{sub}_ses-{ses}_{name}")
+                assert grid == template.grid and np.isfinite(disp).all()
+            jacobian = nib.load(folder / f"sub-{sub}_ses-{ses}_space-T1w_jacobian.nii.gz")
+            assert np.allclose(jacobian.affine, template.affine) and (np.asanyarray(jacobian.dataobj) > 0).mean() > 0.99
+            # the registered session fits the template
+            inside = template.data > 0.1 * template.data.max()
+            assert np.corrcoef(registered.data[inside], template.data[inside])[0, 1] > 0.8
+
+
+def test_group_derivatives(study):
+    out = study["out"]
+    template = load_image(out / "tpl-unbiased" / "tpl-unbiased_T1w.nii.gz")
+    assert json.loads((out / "tpl-unbiased" / "tpl-unbiased_T1w.json").read_text())["Sources"] == [
+        f"bids::sub-{sub}/anat/sub-{sub}_desc-template_T1w.nii.gz" for sub in ("01", "02")]
+    assert (out / "tpl-unbiased" / "tpl-unbiased_desc-iteration0_T1w.nii.gz").is_file()
+    updates = json.loads((out / "tpl-unbiased" / "tpl-unbiased_desc-convergence_log.json").read_text())["updates"]
+    assert [update["update"] for update in updates] == [1]
+    for sub in ("01", "02"):
+        anat = out / f"sub-{sub}" / "anat"
+        disp, grid = transforms.read_displacement_field(anat / f"sub-{sub}_from-T1w_to-unbiased_mode-image_xfm.nii.gz")
+        assert grid == template.grid
+        assert load_image(anat / f"sub-{sub}_space-unbiased_desc-registered_T1w.nii.gz").grid == template.grid
+
+
+def test_dataset_description_logs_and_citation(study):
+    out = study["out"]
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative" and description["BIDSVersion"]
+    assert description["GeneratedBy"][0]["Name"] == "rwcflow" and description["GeneratedBy"][0]["Version"]
+    assert description["DatasetLinks"]["raw"] == study["raw"].resolve().as_uri()
+    assert "RWCNet" in (out / "logs" / "CITATION.md").read_text()
+    logs = sorted((out / "logs").glob("rwcflow-*.log"))
+    assert {path.name.split("-")[1] for path in logs} == {"participant", "group"}
+    # progress per participant and per registration
+    assert "[2/2] sub-02" in _log(out) and "sub-02_ses-1_T1w.nii.gz -> " in _log(out)
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.targets = []
+
+    def handle_starttag(self, tag, attrs):
+        attributes = dict(attrs)
+        for key in ("src", "href", "data"):
+            value = attributes.get(key)
+            if value and not value.startswith(("http", "#", "mailto:", "data:")):
+                self.targets.append(value)
+
+
+@pytest.mark.parametrize("report", ["sub-01.html", "sub-02.html", "group.html"])
+def test_reports_reference_files_that_exist(study, report):
+    path = study["out"] / report
+    parser = _Links()
+    parser.feed(path.read_text())
+    assert parser.targets, f"{report} shows no figure"
+    for target in parser.targets:
+        assert (path.parent / target).is_file(), target
+
+
+def test_a_failing_participant_does_not_sink_the_others(study, tmp_path, capsys):
+    raw = tmp_path / "raw"
+    shutil.copytree(study["raw"], raw)
+    broken = raw / "sub-02" / "ses-2" / "anat" / "sub-02_ses-2_T1w.nii.gz"
+    broken.write_bytes(b"not an image")
+    out = tmp_path / "out"
+    code = main([str(raw), str(out), "participant", "-w", str(study["work"]), *FAST])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "sub-02 failed" in err and "sub-02_ses-2_T1w.nii.gz: not a readable" in err
+    assert (out / "sub-01" / "anat" / "sub-01_desc-template_T1w.nii.gz").is_file()
+    assert not (out / "sub-02" / "anat").exists()
+    assert "not a readable" in (out / "sub-02.html").read_text()
+
+
+def test_rerun_resumes_and_same_seed_gives_identical_outputs(study, tmp_path):
+    first = {name: digest for name, digest in _digests(study["out"]).items()
+             if name.startswith("sub-01/") and name.endswith(".nii.gz") and "unbiased" not in name}
+    # the same work folder: every registration is served from Pydra's cache (none is logged as run;
+    # the jobs log into the run's log file)
+    resumed = tmp_path / "resumed"
+    assert main([str(study["raw"]), str(resumed), "participant", "-w", str(study["work"]),
+                 "--participant-label", "01", *FAST]) == 0
+    assert "registering" not in _log(resumed)
+    assert {name: d for name, d in _digests(resumed).items() if name.endswith(".nii.gz")} == first
+    # a fresh work folder and the same seed: computed again, to the same bytes
+    fresh = tmp_path / "fresh"
+    assert main([str(study["raw"]), str(fresh), "participant", "-w", str(tmp_path / "work"),
+                 "--participant-label", "sub-01", "--random-seed", "0", *FAST]) == 0
+    assert "sub-01_ses-2_T1w.nii.gz -> " in _log(fresh)
+    assert {name: d for name, d in _digests(fresh).items() if name.endswith(".nii.gz")} == first
+
+
+def _log(out: Path) -> str:
+    return "".join(path.read_text() for path in (out / "logs").glob("rwcflow-*.log"))
+
+
+def test_single_session_registered_to_a_given_template(study, tmp_path):
+    """One session per participant and ``--template FILE``: each session passes through as its own
+    template and is registered into the given space (here sub-02's first session, copied out)."""
+    template = tmp_path / "tpl-demo_T1w.nii.gz"
+    shutil.copyfile(study["raw"] / "sub-02" / "ses-1" / "anat" / "sub-02_ses-1_T1w.nii.gz", template)
+    out = tmp_path / "out"
+    assert main([str(study["raw"]), str(out), "participant", "-w", str(tmp_path / "work"), "--session-label", "1",
+                 "--participant-label", "01", "--template", str(template), *FAST]) == 0
+    folder = out / "sub-01" / "ses-1" / "anat"
+    grid = load_image(template).grid
+    disp, field_grid = transforms.read_displacement_field(folder / "sub-01_ses-1_from-orig_to-demo_mode-image_xfm.nii.gz")
+    assert field_grid == grid
+    registered = load_image(folder / "sub-01_ses-1_space-demo_desc-registered_T1w.nii.gz")
+    assert registered.grid == grid
+    reference = load_image(template)
+    inside = reference.data > 0.1 * reference.data.max()
+    assert np.corrcoef(registered.data[inside], reference.data[inside])[0, 1] > 0.8
+    # no change maps to speak of for a single session: J = 1
+    jacobian = nib.load(folder / "sub-01_ses-1_space-T1w_jacobian.nii.gz").get_fdata()
+    np.testing.assert_allclose(jacobian, 1.0, atol=1e-5)
+    assert (out / "sub-01" / "anat" / "sub-01_from-T1w_to-demo_mode-image_xfm.nii.gz").is_file()
