@@ -1,5 +1,6 @@
-# Set-up and the two jobs of the README. `make example`: install and register the bundled MNI152 pair.
-# `make test`: install and run the test suite. torch is installed first with an exact pin (CPU build).
+# Set-up and the two jobs of the README. `make example`: install, write the bundled demo BIDS dataset and
+# run the BIDS App on it (participant, then group level). `make test`: install and run the test suite.
+# torch is installed first with an exact pin (CPU build).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -20,10 +21,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 example: install
-	$(BIN)/rwcflow-example $(EXAMPLE)/pair
-	$(BIN)/rwcflow-register --fixed $(EXAMPLE)/pair/fixed_T1w.nii.gz --moving $(EXAMPLE)/pair/moving_T1w.nii.gz \
-		--fixed-labels $(EXAMPLE)/pair/fixed_dseg.nii.gz --moving-labels $(EXAMPLE)/pair/moving_dseg.nii.gz \
-		--out-dir $(EXAMPLE)/registered -v
+	test -d $(EXAMPLE)/bids || $(BIN)/rwcflow-demo-data $(EXAMPLE)/bids
+	$(BIN)/rwcflow $(EXAMPLE)/bids $(EXAMPLE)/derivatives participant -w $(EXAMPLE)/work
+	$(BIN)/rwcflow $(EXAMPLE)/bids $(EXAMPLE)/derivatives group -w $(EXAMPLE)/work
 
 test: install
 	$(BIN)/python -m pytest -q

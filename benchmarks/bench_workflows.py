@@ -30,33 +30,18 @@ from pydra.engine.submitter import Submitter
 
 from benchmarks.system import REPOSITORY, environment
 from rwcflow import spatial, transforms
+from rwcflow.bids_app.demo import LEFT_HIPPOCAMPUS_MNI_MM, shrink_sphere
 from rwcflow.example import mni152_brain
-from rwcflow.io import Grid, Image, load_image, save_image
+from rwcflow.io import Image, load_image, save_image
 from rwcflow.synth import random_smooth_field
 from rwcflow.tasks import Register
 from rwcflow.workflows.atlas import Atlas
 from rwcflow.workflows.longitudinal import Longitudinal
 
-LEFT_HIPPOCAMPUS_MM = np.array([-26.0, -22.0, -14.0])
-
-
-def shrink_sphere(grid: Grid, centre_mm: np.ndarray, radius_mm: float, loss: float) -> torch.Tensor:
-    """Pull-back field (voxels) ``u(x) = a w(r) (x - c)``: ``w = 1`` inside the sphere of ``radius_mm``
-    (a uniform scaling, so the sphere's volume changes by exactly ``-loss``), a raised-cosine fade to 0
-    at twice the radius."""
-    scale = (1.0 - loss) ** (-1.0 / 3.0) - 1.0
-    centre = grid.world_to_voxel(centre_mm).reshape(3, 1, 1, 1)
-    offset = np.indices(grid.shape, dtype=np.float64) - centre
-    distance = np.sqrt(((offset * grid.spacing.reshape(3, 1, 1, 1)) ** 2).sum(axis=0))
-    fade = np.clip((distance - radius_mm) / radius_mm, 0.0, 1.0)
-    weight = 0.5 * (1.0 + np.cos(np.pi * fade))
-    return torch.from_numpy((scale * weight * offset)[None].astype(np.float32))
-
-
 def run_longitudinal(folder: Path, submitter: Submitter, resolution: float, loss: float, radius: float,
                      io_iters: int | None) -> dict:
     brain, _ = mni152_brain(resolution)
-    field = shrink_sphere(brain.grid, LEFT_HIPPOCAMPUS_MM, radius, loss)
+    field = shrink_sphere(brain.grid, LEFT_HIPPOCAMPUS_MNI_MM, radius, loss)
     shrunk = spatial.warp(brain.tensor(), field)[0, 0].numpy()
     sessions = [save_image(brain, folder / "ses-1_T1w.nii.gz"),
                 save_image(brain.with_data(shrunk), folder / "ses-2_T1w.nii.gz")]
@@ -66,7 +51,7 @@ def run_longitudinal(folder: Path, submitter: Submitter, resolution: float, loss
     seconds = time.perf_counter() - start
 
     points = brain.grid.world_points()
-    distance = np.linalg.norm(points - LEFT_HIPPOCAMPUS_MM, axis=-1)
+    distance = np.linalg.norm(points - np.asarray(LEFT_HIPPOCAMPUS_MNI_MM), axis=-1)
     sphere, far = distance <= radius, (distance >= 3 * radius) & (brain.data > 0)
     change = load_image(out.log_jacobians[1]).data - load_image(out.log_jacobians[0]).data
     measured = 100 * (np.exp(change[sphere].mean()) - 1)
