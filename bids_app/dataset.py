@@ -73,8 +73,9 @@ def check_output_location(bids_dir: Path, folder: Path, what: str) -> None:
 
 
 def validate(bids_dir: Path) -> None:
-    """Run the BIDS validator when one is installed (``bids-validator-deno`` or ``bids-validator``);
-    without one, say so and keep the basic checks of :func:`check_dataset`."""
+    """Run the BIDS validator: ``bids-validator-deno`` (or the legacy ``bids-validator``) when installed,
+    else the file-name checks of the ``bids_validator`` Python package that pybids brings (with a notice
+    that the full validator is not installed). A dataset that fails is an error naming what is wrong."""
     for command in ("bids-validator-deno", "bids-validator"):
         executable = shutil.which(command)
         if executable is None:
@@ -86,7 +87,17 @@ def validate(bids_dir: Path) -> None:
             raise InputError(bids_dir, f"fails BIDS validation ({command}: {detail}); "
                                        "fix it or pass --skip-bids-validation")
         return
-    log.warning("no BIDS validator installed (bids-validator-deno): only basic checks of %s", bids_dir)
+    from bids_validator import BIDSValidator
+
+    log.warning("the BIDS validator (bids-validator-deno) is not installed: checking file names only")
+    validator = BIDSValidator()
+    invalid = [path for path in sorted(bids_dir.rglob("*")) if path.is_file() and not path.name.startswith(".")
+               and not validator.is_bids("/" + path.relative_to(bids_dir).as_posix())]
+    if invalid:
+        shown = ", ".join(str(path.relative_to(bids_dir)) for path in invalid[:3])
+        more = f" and {len(invalid) - 3} more" if len(invalid) > 3 else ""
+        raise InputError(bids_dir, f"fails BIDS validation: file names not in BIDS: {shown}{more}; "
+                                   "fix them or pass --skip-bids-validation")
 
 
 def read_filters(path: Path | None) -> dict:

@@ -119,3 +119,12 @@ def test_template_choices(tmp_path):
     # MNI space: the world origin (the anterior commissure) lies inside the brain
     centre = np.linalg.inv(image.affine) @ np.array([0.0, 0.0, 0.0, 1.0])
     assert image.get_fdata()[tuple(np.round(centre[:3]).astype(int))] > 0
+
+
+def test_bids_validation_refuses_files_outside_bids_unless_skipped(raw, tmp_path, capsys):
+    (raw / "sub-01" / "ses-1" / "anat" / "T1.nii.gz").write_bytes(b"")
+    code = main([str(raw), str(tmp_path / "out"), "participant", "--participant-label", "09"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "fails BIDS validation" in line and "sub-01/ses-1/anat/T1.nii.gz" in line
+    # skipped, the run goes on to the next check (here: the unknown participant)
+    _fails(capsys, [str(raw), str(tmp_path / "out"), "participant", "--participant-label", "09"], "09 not found")
