@@ -12,30 +12,14 @@ composition of the two (one interpolation from the session to the group grid).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-import numpy as np
 from fileformats.generic import File
-from pydra.compose import python, workflow
+from pydra.compose import workflow
 
-from rwcflow import transforms
-from rwcflow.io import load_image, save_image
-from rwcflow.tasks import (ApplyTransform, ComposeTransformPair, InvertTransform, JacobianMaps, Register,
-                           _output_name)
+from rwcflow.tasks import ApplyTransform, ComposeTransformPair, InvertTransform, JacobianMaps, Register, SingleSession
 from rwcflow.workflows.atlas import Atlas
 
 log = logging.getLogger("rwcflow")
-
-
-@python.define(outputs={"template": File, "xfms": list[File], "warped": list[File]})
-def SingleSession(session: File) -> tuple[File, list[File], list[File]]:
-    """Pass-through for a participant with one session: the template is the session itself (copied), its
-    transform the identity (a zero displacement field on the session's grid), its warped image a copy."""
-    image = load_image(session)
-    identity = np.zeros((*image.grid.shape, 3))
-    xfm = transforms.write_displacement_field(Path.cwd() / _output_name(session, "xfm"), identity, image.grid)
-    return (save_image(image, Path.cwd() / "template.nii.gz"), [xfm],
-            [save_image(image, Path.cwd() / _output_name(session, "warped"))])
 
 
 @workflow.define(outputs=["template", "xfms", "inverse_xfms", "warped", "jacobians", "log_jacobians",

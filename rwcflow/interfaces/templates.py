@@ -1,0 +1,60 @@
+"""Nipype interfaces for template construction: ANTs' shape update and the single-session pass-through.
+Thin wrappers over :mod:`rwcflow.steps`, writing into the node's working directory."""
+
+from __future__ import annotations
+
+from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
+
+from rwcflow import steps
+
+from ._base import optional
+
+
+class _ShapeUpdateInputSpec(BaseInterfaceInputSpec):
+    average = File(exists=True, mandatory=True, desc="mean of the images registered to the current template")
+    average_xfm = File(exists=True, mandatory=True, desc="mean of their template→subject fields")
+    gradient_step = traits.Float(0.25, usedefault=True, desc="fraction of the mean field removed per step")
+    repeats = traits.Int(4, usedefault=True, desc="steps per update (ANTs: 4)")
+    log = File(exists=True, desc="the previous update's log (JSON)")
+
+
+class _ShapeUpdateOutputSpec(TraitedSpec):
+    template = File(exists=True, desc="the updated template, template_update-<n>.nii.gz")
+    log = File(exists=True, desc="the log extended with this update's norms (JSON)")
+
+
+class ShapeUpdate(SimpleInterface):
+    """Template shape update of ANTs' ``antsMultivariateTemplateConstruction2.sh``
+    (:func:`rwcflow.templates.shape_update`): ``average`` moved against ``-gradient_step`` times the
+    mean field, ``repeats`` times; the log gets the mean field's length in mm."""
+
+    input_spec = _ShapeUpdateInputSpec
+    output_spec = _ShapeUpdateOutputSpec
+
+    def _run_interface(self, runtime):
+        template, log = steps.shape_update(self.inputs.average, self.inputs.average_xfm, runtime.cwd,
+                                           self.inputs.gradient_step, self.inputs.repeats, optional(self.inputs.log))
+        self._results.update(template=str(template), log=str(log))
+        return runtime
+
+
+class _SingleSessionInputSpec(BaseInterfaceInputSpec):
+    session = File(exists=True, mandatory=True, desc="the one session of a participant")
+
+
+class _SingleSessionOutputSpec(TraitedSpec):
+    template = File(exists=True, desc="the session itself, as its template")
+    xfm = File(exists=True, desc="the identity (a zero displacement field on the session's grid)")
+    warped = File(exists=True, desc="the session itself, as its image on the template")
+
+
+class SingleSession(SimpleInterface):
+    """Pass-through for a participant with one session: it is its own template, with an identity transform."""
+
+    input_spec = _SingleSessionInputSpec
+    output_spec = _SingleSessionOutputSpec
+
+    def _run_interface(self, runtime):
+        template, xfm, warped = steps.single_session(self.inputs.session, runtime.cwd)
+        self._results.update(template=str(template), xfm=str(xfm), warped=str(warped))
+        return runtime
