@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+from benchmarks.system import environment, peak_rss_mb, spawn
 
 SIZES = {"64": (64, 64, 64), "128": (128, 128, 128), "full": (160, 192, 224)}
 METHODS = ("io", "rwcnet")
@@ -76,7 +74,7 @@ def run_one(size: str, method: str, device: str, threads: int) -> dict:
         "threads": threads,
         "wall_s": wall,
         **{k: v for k, v in result.timings.items()},
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
     if device == "cuda":
         record["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -85,44 +83,10 @@ def run_one(size: str, method: str, device: str, threads: int) -> dict:
 
 
 def _spawn(size: str, method: str, device: str, threads: int, timeout: float) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     label = {"size": "x".join(map(str, SIZES[size])), "method": method, "device": device, "threads": threads}
-    command = [sys.executable, "-m", "benchmarks.bench_register", "--worker", size, method, device, str(threads)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
-                              cwd=Path(__file__).resolve().parents[1])
-    except subprocess.TimeoutExpired:
-        return {**label, "status": f"timeout after {timeout:.0f} s"}
-    if done.returncode != 0:
-        lines = done.stderr.strip().splitlines() or ["no output"]
-        return {**label, "status": f"failed: {lines[-1]}"}
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), "status": "ok"}
-
-
-def _cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def environment() -> dict:
-    import torch
-
-    import rwcflow
-
-    return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": platform.machine(),
-        "processor": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "rwcflow": rwcflow.__version__,
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
+    record, status = spawn("benchmarks.bench_register", ["--worker", size, method, device, str(threads)],
+                           threads=threads, timeout=timeout)
+    return {**label, **(record or {}), "status": status}
 
 
 def table(records: list[dict]) -> str:

