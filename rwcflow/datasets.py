@@ -22,7 +22,7 @@ import torch
 
 from rwcflow.anatomy import Anatomy, available_anatomies, load_anatomy
 from rwcflow.errors import InputError
-from rwcflow.io import Grid, Image, load_image, normalize_intensity, resample
+from rwcflow.io import Grid, Image, load_image, normalize_intensity, read_keypoints, resample
 from rwcflow.synth import SynthOptions, synthesize_pair
 
 Tensor = torch.Tensor
@@ -164,17 +164,6 @@ def _normalised(image: Image, modality: str, window: Sequence[float]) -> np.ndar
     return normalize_intensity(image.data, modality=modality, window=tuple(window))
 
 
-def _load_keypoints(path: Path) -> np.ndarray:
-    """An ``(N, 3)`` array from a CSV (or whitespace-separated) file of ``x, y, z`` rows."""
-    try:
-        points = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2)
-    except (OSError, ValueError) as exc:
-        raise InputError(path, f"not a readable keypoint file ({exc})") from None
-    if points.shape[1] != 3:
-        raise InputError(path, f"keypoints need 3 columns, got {points.shape[1]}")
-    return points
-
-
 def working_grid(grid: Grid, resolution_mm: float | None) -> Grid:
     """``grid`` resized to voxels of about ``resolution_mm`` (``None``: ``grid`` itself)."""
     if resolution_mm is None:
@@ -224,7 +213,7 @@ def _file_pair(fixed: _Subject, moving: _Subject, *, modality: str = "mri", wind
         points = []
         for subject, world in ((fixed, None), (moving, world_matrix)):
             native = _cached_image(str(subject.image), False).grid
-            mm = native.voxel_to_world(_load_keypoints(subject.keypoints))
+            mm = native.voxel_to_world(read_keypoints(subject.keypoints))
             if world is not None:  # moving world points to where they sit in fixed world space
                 mm = mm @ np.linalg.inv(world)[:3, :3].T + np.linalg.inv(world)[:3, 3]
             points.append(torch.as_tensor(grid.world_to_voxel(mm), dtype=torch.float32))

@@ -99,6 +99,19 @@ def read_nibabel(path: PathLike, what: str = "NIfTI/MGZ image") -> tuple[nib.spa
         raise InputError(path, f"not a readable {what} ({type(exc).__name__})") from None
 
 
+def read_keypoints(path: PathLike) -> np.ndarray:
+    """Keypoints ``(N, 3)`` from a CSV or whitespace-separated text file of ``x, y, z`` rows (world mm for
+    rwcflow's own inputs; Learn2Reg's files hold voxel indices)."""
+    path = Path(path)
+    try:
+        points = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2)
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"not a readable keypoint file ({exc})") from None
+    if points.shape[1] != 3:
+        raise InputError(path, f"keypoints need 3 columns (x, y, z), got {points.shape[1]}")
+    return points
+
+
 def load_image(path: PathLike, *, labels: bool = False) -> Image:
     """Load a NIfTI or MGZ volume, checking it is usable; errors name the file and the problem.
 

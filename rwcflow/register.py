@@ -27,7 +27,7 @@ from rwcflow.transforms import mapped_coordinates, sample_image
 from rwcflow.affine import affine_align
 from rwcflow.checkpoint import resolve_model
 from rwcflow.errors import InputError
-from rwcflow.io import Grid, Image, load_image, normalize_intensity, save_image
+from rwcflow.io import Grid, Image, load_image, normalize_intensity, read_keypoints, save_image
 from rwcflow.metrics import registration_metrics
 from rwcflow.models import RWCNet
 from rwcflow.optimize import InstanceOptimization, instance_optimize
@@ -136,17 +136,10 @@ def _check_same_grid(image: Image, other: Image | None, what: str) -> None:
 
 
 def _load_keypoints(points: np.ndarray | str | os.PathLike | None) -> np.ndarray | None:
-    """Keypoints as an ``(N, 3)`` array of RAS world mm; a CSV/text file has one ``x,y,z`` row per point."""
+    """Keypoints given as an array, or read from a file (:func:`rwcflow.io.read_keypoints`)."""
     if points is None or isinstance(points, np.ndarray):
         return points
-    path = Path(points)
-    try:
-        array = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2)
-    except (OSError, ValueError) as exc:
-        raise InputError(path, f"not a readable keypoint file ({exc})") from None
-    if array.shape[1] != 3:
-        raise InputError(path, f"keypoints need 3 columns (x, y, z in mm), got {array.shape[1]}")
-    return array
+    return read_keypoints(points)
 
 
 def _options(instance_optimization: bool | int | InstanceOptimization | None) -> InstanceOptimization | None:
