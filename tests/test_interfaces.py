@@ -23,20 +23,12 @@ from rwcflow.interfaces import (ApplyTransform, AverageFields, AverageImages, Co
 from rwcflow.io import Grid, Image, load_image, save_image
 from rwcflow.register import register
 
+from grids import oblique_grid
+
 
 def _run(interface, tmp_path: Path, name: str = "node"):
     """``interface`` run as a Nipype node working under ``tmp_path``; its outputs."""
     return pe.Node(interface, name=name, base_dir=str(tmp_path)).run().outputs
-
-
-def _grid(shape=(14, 12, 10)) -> Grid:
-    """An oblique, anisotropic grid (rotated about two axes, one axis flipped)."""
-    c, s = np.cos(0.4), np.sin(0.4)
-    rotation = np.array([[1, 0, 0], [0, c, -s], [0, s, c]]) @ np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
-    affine = np.eye(4)
-    affine[:3, :3] = rotation @ np.diag([1.2, -1.6, 2.0])
-    affine[:3, 3] = [-8.0, 12.0, 3.0]
-    return Grid(shape, affine)
 
 
 def _field(path: Path, disp: np.ndarray, grid: Grid) -> Path:
@@ -92,7 +84,7 @@ def test_register_matches_the_engine_and_names_outputs_after_the_moving_image(pa
 
 def test_apply_transform_of_a_ramp_through_a_translation_onto_a_reference(tmp_path):
     """``f(p) = a·p + b`` through the translation ``t``, onto a finer oblique reference inside: ``f(q + t)``."""
-    field_grid, shift = _grid((16, 16, 16)), np.array([1.5, -2.0, 1.0])
+    field_grid, shift = oblique_grid((16, 16, 16)), np.array([1.5, -2.0, 1.0])
     reference = Grid((9, 8, 7), field_grid.affine @ np.diag([0.8, 0.9, 1.1, 1.0]) @ np.array(
         [[1, 0, 0, 4], [0, 1, 0, 3], [0, 0, 1, 4], [0, 0, 0, 1.0]]))
     image_grid = Grid((24, 24, 24), field_grid.affine @ np.array(
@@ -107,7 +99,7 @@ def test_apply_transform_of_a_ramp_through_a_translation_onto_a_reference(tmp_pa
     np.testing.assert_allclose(moved.data, (reference.world_points() + shift) @ SLOPE + OFFSET, atol=1e-3)
 
     # label maps by nearest neighbour: a shift by whole voxels (2, -1, 1) of an oblique grid moves them exactly
-    grid = _grid((11, 10, 9))
+    grid = oblique_grid((11, 10, 9))
     labels = np.random.default_rng(0).integers(0, 6, grid.shape).astype(np.int16)
     xfm = _field(tmp_path / "step.nii.gz", grid.affine[:3, :3] @ np.array([2, -1, 1]), grid)
     out = _run(ApplyTransform(image=save_image(Image(labels, grid.affine), tmp_path / "labels.nii.gz"), xfm=xfm,
@@ -118,7 +110,7 @@ def test_apply_transform_of_a_ramp_through_a_translation_onto_a_reference(tmp_pa
 
 
 def test_compose_translations_and_invert_a_smooth_field(tmp_path, smooth_field):
-    grid = _grid()
+    grid = oblique_grid()
     points = grid.world_points()
     t1, t2 = np.array([1.5, -2.0, 0.7]), np.array([-0.6, 1.1, 2.3])
     first, second = _field(tmp_path / "t1.nii.gz", t1, grid), _field(tmp_path / "t2.nii.gz", t2, grid)
@@ -153,7 +145,7 @@ def test_compose_translations_and_invert_a_smooth_field(tmp_path, smooth_field):
 
 def test_jacobian_maps_of_a_scaling_field(tmp_path):
     """``p -> S (p - c) + c`` on an oblique anisotropic grid: ``J = det S`` everywhere."""
-    grid = _grid()
+    grid = oblique_grid()
     scale = np.array([[1.2, 0.1, 0.0], [0.0, 0.9, 0.05], [0.0, 0.0, 1.5]])
     points = grid.world_points()
     centre = points.mean(axis=(0, 1, 2))
@@ -168,7 +160,7 @@ def test_jacobian_maps_of_a_scaling_field(tmp_path):
 
 
 def test_average_images_and_fields(tmp_path, smooth_volume):
-    grid = _grid((10, 9, 8))
+    grid = oblique_grid((10, 9, 8))
     volumes = [smooth_volume(grid.shape, seed=seed)[0, 0].numpy() for seed in range(3)]
     paths = [save_image(Image(v, grid.affine), tmp_path / f"v{i}.nii.gz") for i, v in enumerate(volumes)]
     mean = load_image(_run(AverageImages(images=paths), tmp_path, "mean").average)
@@ -186,7 +178,7 @@ def test_average_images_and_fields(tmp_path, smooth_volume):
 
 def test_shape_update_moves_the_average_against_the_mean_field(tmp_path):
     """A ramp ``f`` and a uniform mean field ``t``: ``repeats`` steps of ``-g t`` give ``f(p - repeats g t)``."""
-    grid, shift, step, repeats = _grid((16, 14, 12)), np.array([2.0, -1.0, 1.5]), 0.25, 4
+    grid, shift, step, repeats = oblique_grid((16, 14, 12)), np.array([2.0, -1.0, 1.5]), 0.25, 4
     average = _ramp(tmp_path / "average.nii.gz", grid)
     mean_field = _field(tmp_path / "mean_xfm.nii.gz", shift, grid)
     out = _run(ShapeUpdate(average=average, average_xfm=mean_field, gradient_step=step, repeats=repeats),
@@ -213,7 +205,7 @@ def test_shape_update_moves_the_average_against_the_mean_field(tmp_path):
 
 
 def test_single_session_is_its_own_template_with_an_identity_transform(tmp_path):
-    grid = _grid((8, 7, 6))
+    grid = oblique_grid((8, 7, 6))
     session = _ramp(tmp_path / "ses-1_T1w.nii.gz", grid)
     out = _run(SingleSession(session=session), tmp_path)
     assert (Path(out.xfm).name, Path(out.warped).name) == ("ses-1_T1w_xfm.nii.gz", "ses-1_T1w_warped.nii.gz")

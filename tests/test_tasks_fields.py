@@ -10,15 +10,7 @@ from rwcflow import transforms
 from rwcflow.io import Grid, Image, load_image, save_image
 from rwcflow.tasks import AverageFields, ComposeTransforms, InvertTransform, LabelPropagation
 
-
-def _grid(shape=(14, 12, 10)) -> Grid:
-    """An oblique, anisotropic grid (rotated about two axes, one axis flipped)."""
-    c, s = np.cos(0.4), np.sin(0.4)
-    rotation = np.array([[1, 0, 0], [0, c, -s], [0, s, c]]) @ np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
-    affine = np.eye(4)
-    affine[:3, :3] = rotation @ np.diag([1.2, -1.6, 2.0])
-    affine[:3, 3] = [-8.0, 12.0, 3.0]
-    return Grid(shape, affine)
+from grids import oblique_grid
 
 
 def _inside(grid: Grid, points: np.ndarray) -> np.ndarray:
@@ -39,7 +31,7 @@ def _voxel_field_in_mm(field, grid: Grid) -> np.ndarray:
 
 
 def test_compose_translations_sum_and_ants_order(tmp_path, submit):
-    grid = _grid()
+    grid = oblique_grid()
     points = grid.world_points()
     t1, t2 = np.array([1.5, -2.0, 0.7]), np.array([-0.6, 1.1, 2.3])
     out = submit(ComposeTransforms(xfms=[_field(tmp_path, "t1", t1, grid), _field(tmp_path, "t2", t2, grid)]))
@@ -72,7 +64,7 @@ def test_compose_translations_sum_and_ants_order(tmp_path, submit):
 
 
 def test_invert_translation_and_smooth_field(tmp_path, smooth_field, submit):
-    grid = _grid((16, 16, 16))
+    grid = oblique_grid((16, 16, 16))
     shift = np.array([2.0, -1.3, 0.8])
     out = submit(InvertTransform(xfm=_field(tmp_path, "shift", shift, grid)))
     disp, inverse_grid = transforms.read_displacement_field(out.out)
@@ -81,7 +73,7 @@ def test_invert_translation_and_smooth_field(tmp_path, smooth_field, submit):
 
     # a smooth random field (1.5 voxels) composed with its inverse, either way: the identity inside, to
     # the iteration's precision one way and to trilinear interpolation error the other
-    grid = _grid((24, 24, 24))
+    grid = oblique_grid((24, 24, 24))
     xfm = _field(tmp_path, "smooth", _voxel_field_in_mm(smooth_field(grid.shape, amplitude=1.5, seed=3), grid), grid)
     inverse = submit(InvertTransform(xfm=xfm)).out
     spacing = np.linalg.norm(grid.affine[:3, :3], axis=0).min()
@@ -94,7 +86,7 @@ def test_invert_translation_and_smooth_field(tmp_path, smooth_field, submit):
 
 
 def test_average_fields_on_one_grid_and_in_world_space(tmp_path, smooth_field, submit):
-    grid = _grid((12, 10, 9))
+    grid = oblique_grid((12, 10, 9))
     first, second = (_voxel_field_in_mm(smooth_field(grid.shape, amplitude=2.0, seed=seed), grid) for seed in (1, 2))
     paths = [_field(tmp_path, name, disp, grid) for name, disp in (("first", first), ("second", second))]
     disp, average_grid = transforms.read_displacement_field(submit(AverageFields(xfms=paths)).out)
@@ -112,7 +104,7 @@ def test_average_fields_on_one_grid_and_in_world_space(tmp_path, smooth_field, s
 
 def test_label_propagation_by_whole_voxels(tmp_path, submit):
     """A translation by (2, -1, 1) voxels of an oblique grid shifts the labels exactly, values kept."""
-    grid = _grid((11, 10, 9))
+    grid = oblique_grid((11, 10, 9))
     labels = np.random.default_rng(0).integers(0, 6, grid.shape).astype(np.int16)
     path = save_image(Image(labels, grid.affine), tmp_path / "labels.nii.gz")
     step = np.array([2, -1, 1])
