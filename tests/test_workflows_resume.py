@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydra.engine.result import load_result
 from pydra.engine.submitter import Submitter
 
 from rwcflow import spatial, transforms
@@ -26,6 +27,7 @@ OPTIONS = dict(iterations=1, model="none", io_iters=10, affine=True, device="cpu
 RUN = """
 import sys, torch
 torch.set_num_threads(1)
+from pydra.engine.result import load_result
 from pydra.engine.submitter import Submitter
 from rwcflow.workflows.atlas import Atlas
 images, cache = sys.argv[1:-1], sys.argv[-1]
@@ -47,9 +49,16 @@ def images(tmp_path_factory) -> list[Path]:
 
 
 def _finished_registrations(cache: Path) -> dict[Path, int]:
-    """Register jobs (their folders hold ``*_affine.txt``) that wrote a result, with its modification time."""
-    return {job: (job / "_result.pklz").stat().st_mtime_ns for job in cache.glob("python-*")
-            if (job / "_result.pklz").exists() and any(job.glob("*_affine.txt"))}
+    """Register jobs (their folders hold ``*_affine.txt``) whose result is complete (loads, not errored,
+    no save in progress), with the result file's modification time."""
+    finished = {}
+    for job in cache.glob("python-*"):
+        if not any(job.glob("*_affine.txt")) or (cache / f"{job.name}_save.lock").exists():
+            continue
+        result = load_result(job.name, [cache], retries=1)
+        if result is not None and not result.errored:
+            finished[job] = (job / "_result.pklz").stat().st_mtime_ns
+    return finished
 
 
 def test_interrupted_atlas_resumes_without_redoing_finished_registrations(images, tmp_path, submit):
