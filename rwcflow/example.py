@@ -64,10 +64,11 @@ def mni152_brain(resolution_mm: float = 2.0, margin_mm: float = 4.0) -> tuple[Im
 
 @functools.lru_cache(maxsize=8)
 def _mni152_brain(resolution_mm: float, margin_mm: float) -> tuple[Image, Image]:
-    t1 = datasets.load_mni152_template(resolution=2)
-    mask = datasets.load_mni152_brain_mask(resolution=2).get_fdata() > 0
-    gm = datasets.load_mni152_gm_template(resolution=2).get_fdata()
-    wm = datasets.load_mni152_wm_template(resolution=2).get_fdata()
+    source = 1 if resolution_mm < 2 else 2  # nilearn's 1 mm maps for finer grids, not an upsampled 2 mm brain
+    t1 = datasets.load_mni152_template(resolution=source)
+    mask = datasets.load_mni152_brain_mask(resolution=source).get_fdata() > 0
+    gm = datasets.load_mni152_gm_template(resolution=source).get_fdata()
+    wm = datasets.load_mni152_wm_template(resolution=source).get_fdata()
     tissues = np.stack([1.0 - gm - wm, gm, wm])
     labels = np.where(mask, tissues.argmax(axis=0) + 1, 0).astype(np.int32)
     data = np.where(mask, t1.get_fdata(), 0.0).astype(np.float32)
