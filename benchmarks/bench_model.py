@@ -1,4 +1,5 @@
-"""Accuracy and speed of a trained RWCNet model against instance optimisation (IO) alone, on held-out cases.
+"""Accuracy and speed of a trained RWCNet model against instance optimisation (IO) alone, on held-out cases
+(the test a model must pass to ship as ``--model default``).
 
 Methods, all through ``register()`` with the same affine pre-alignment:
 
@@ -7,7 +8,8 @@ Methods, all through ``register()`` with the same affine pre-alignment:
 * ``rwcnet``: the model alone (``instance_optimization=False``);
 * ``rwcnet+io``: the model, then instance optimisation from its field.
 
-Cases (none of them seen in training; the shipped model was trained on fsaverage and deepmriprep anatomy):
+Cases (none of them seen in training, for a model trained on fsaverage and deepmriprep anatomy, as the
+``cpu`` preset of ``rwcflow-train``):
 
 * ``example``: the bundled example pair (``rwcflow.example.make_example_pair``, MNI152 at 2 mm, a rigid
   motion plus a smooth deformation of up to 8 mm, a mild intensity change), known true mapping;
@@ -161,7 +163,7 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(info, indent=2, default=float) + "\n")
     args.out.with_suffix(".md").write_text(
-        f"# Shipped model against instance optimisation (CPU, {args.threads} threads)\n\n"
+        f"# RWCNet model against instance optimisation (CPU, {args.threads} threads)\n\n"
         f"{info['date']}, {info['machine']['platform']}, torch {torch.__version__}, model `{args.model}`.\n\n"
         + text + "\n")
     return 0

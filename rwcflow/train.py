@@ -592,19 +592,20 @@ def train(
 # --- presets and the command line -----------------------------------------------------------------
 
 
-#: The network of the shipped default model: three lean stages at 1/4, 1/2 and 1 of a 2 mm input (8, 4 and
-#: 2 mm grids), few channels and GRU iterations, one patch per stage, so that it trains and runs on a CPU.
-DEFAULT_NETWORK = RWCNetConfig.tiny(
+#: A lean network for CPU training: three stages at 1/4, 1/2 and 1 of a 2 mm input (8, 4 and 2 mm grids),
+#: few channels and GRU iterations, one patch per stage.
+CPU_NETWORK = RWCNetConfig.tiny(
     stages=(StageConfig(scale=0.25, iterations=4, radius=2), StageConfig(scale=0.5, iterations=3, radius=2),
             StageConfig(scale=1.0, iterations=1, radius=1)),
 )
 
-#: The recipe of the shipped default model (``rwcflow-train --print-config cpu``): synthetic pairs from the
-#: offline fsaverage and deepmriprep anatomies at 2 mm (MNI152 is held out for validation and benchmarks),
-#: the paper's losses plus the endpoint error to the known field, Adam with a cosine-decayed rate, two
-#: pairs per step, no dropout (an hour of CPU is far from the overfitting it guards against).
+#: A recipe that trains :data:`CPU_NETWORK` in about an hour on two CPU cores (``rwcflow-train
+#: --print-config cpu``): synthetic pairs from the offline fsaverage and deepmriprep anatomies at 2 mm
+#: (MNI152 held out for validation), the paper's losses plus the endpoint error to the known field, Adam
+#: with a cosine-decayed rate, two pairs per step, no dropout. Its 740 steps were too few for the network
+#: to learn a field (benchmarks/results/model_cpu.md): train on a GPU, for thousands of steps.
 CPU_RECIPE = TrainConfig(
-    model=DEFAULT_NETWORK,
+    model=CPU_NETWORK,
     data={"kind": "synthetic", "resolution_mm": 2.0, "validation_pairs": 0,
           "anatomies": ["fsaverage", "deepmriprep-ibsr", "deepmriprep-lpba40", "deepmriprep-hammers",
                         "deepmriprep-neuromorphometrics"],
@@ -626,7 +627,7 @@ CPU_RECIPE = TrainConfig(
 
 def preset(name: str) -> TrainConfig:
     """Example configs: ``"paper"`` (the published network and recipe, on synthetic pairs), ``"tiny"``
-    (seconds on a CPU, for trying things out) and ``"cpu"`` (the recipe of the shipped default model)."""
+    (seconds on a CPU, for trying things out) and ``"cpu"`` (:data:`CPU_RECIPE`)."""
     if name == "paper":
         return TrainConfig()
     if name == "tiny":
@@ -634,7 +635,7 @@ def preset(name: str) -> TrainConfig:
                            data={"kind": "synthetic", "anatomies": ["mni152"], "resolution_mm": 6.0,
                                  "validation_pairs": 1})
     if name == "cpu":
-        return CPU_RECIPE
+        return copy.deepcopy(CPU_RECIPE)
     raise ValueError(f"unknown preset {name!r}; expected paper, tiny or cpu")
 
 
