@@ -164,7 +164,9 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(info, indent=2, default=float) + "\n")
     args.out.with_suffix(".md").write_text(
         f"# RWCNet model against instance optimisation (CPU, {args.threads} threads)\n\n"
-        f"{info['date']}, {info['machine']['platform']}, torch {torch.__version__}, model `{args.model}`.\n\n"
+        f"{info['date']}, {info['machine']['platform']}, torch {torch.__version__}, model `{args.model}`; "
+        f"load average at the end {info['machine']['load_average_at_end'][0]:.1f} on {os.cpu_count()} CPUs "
+        "(times are only comparable within one run).\n\n"
         + text + "\n")
     return 0
 
