@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from rwcflow.errors import RwcflowError
-from rwcflow.io import load_image, read_nibabel, resample
+from rwcflow.io import Image, load_image, read_nibabel, resample
 from rwcflow.maps import foreground_mask
 from rwcflow.metrics import image_correlation
 from rwcflow.workflows.longitudinal import Longitudinal
@@ -56,8 +56,6 @@ def run_participant(participant: Participant, bids_dir: Path, output_dir: Path,
         raise RwcflowError(f"sub-{participant.label}: no structural image found")
     for image in participant.images:
         load_image(image)  # a clear one-line error for an unreadable input, before any work
-    if len(participant.images) == 1:
-        log.info("sub-%s: a single session, so no within-subject template: the session is its own", participant.label)
     group = options.template.path
     workflow = Longitudinal(sessions=participant.images, iterations=options.longitudinal_iterations,
                             model=options.model, io_iters=options.io_iters, device=options.device,
@@ -78,6 +76,7 @@ def _write(participant: Participant, out, bids_dir: Path, output_dir: Path, opti
     template = names.copy_output(
         Path(out.template), names.participant_path(output_dir, label, "desc-template_T1w.nii.gz"),
         sidecar("Unbiased within-subject template of the participant's sessions (space T1w)", sources))
+    template_image = load_image(template)  # read once for every session's metrics
     field = {"TransformType": "displacement field (ITK, LPS mm)"}
     sessions = []
     for n, image in enumerate(participant.images):
@@ -109,7 +108,7 @@ def _write(participant: Participant, out, bids_dir: Path, output_dir: Path, opti
         sessions.append(SessionResult(
             session=entities(image).get("ses"), t1w=image, registered=registered,
             jacobian=None if single else jacobian, log_jacobian=None if single else log_jacobian,
-            metrics=_session_metrics(template, registered, log_jacobian)))
+            metrics=_session_metrics(template_image, registered, log_jacobian)))
     group_registered = None
     if group.path is not None:
         names.copy_output(Path(out.group_xfm), names.participant_path(
@@ -121,21 +120,20 @@ def _write(participant: Participant, out, bids_dir: Path, output_dir: Path, opti
                              group_registered=group_registered, parameters=options.parameters())
 
 
-def fit_to_template(template: Path, registered: Path) -> float:
+def fit_to_template(template: Path | Image, registered: Path) -> float:
     """Correlation of an image registered onto ``template`` with it, over the template's foreground."""
-    fixed, moved = load_image(template), load_image(registered)
+    fixed, moved = template if isinstance(template, Image) else load_image(template), load_image(registered)
     if moved.grid != fixed.grid:
         moved = resample(moved, fixed.grid)
     return round(image_correlation(fixed.data, moved.data, foreground_mask(fixed)), 4)
 
 
-def _session_metrics(template: Path, registered: Path, log_jacobian: Path) -> dict:
+def _session_metrics(template: Image, registered: Path, log_jacobian: Path) -> dict:
     """How well a session fits the template and how much it differs from it in volume (mean |log J|
     over the template's foreground)."""
     _, log_j = read_nibabel(log_jacobian)  # not load_image: a no-change log-Jacobian is all zeros
-    inside = foreground_mask(load_image(template))
     return {"correlation_to_template": fit_to_template(template, registered),
-            "mean_abs_log_jacobian": round(float(np.abs(log_j[inside]).mean()), 5)}
+            "mean_abs_log_jacobian": round(float(np.abs(log_j[foreground_mask(template)]).mean()), 5)}
 
 
 def failure_reason(exc: Exception) -> str:
