@@ -68,9 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="CPUs to use in all (default: all)")
     execution.add_argument("--omp-nthreads", type=int, default=1, help="threads per job (default 1)")
     execution.add_argument("--plugin", choices=["cf", "slurm"], default="cf",
-                           help="Pydra worker: cf (local processes) or slurm (one SLURM job per task)")
+                           help="Pydra worker: cf (local processes) or slurm (one SLURM job per task, each running "
+                                "this Python installation: rwcflow must be installed where the nodes see it)")
     execution.add_argument("--slurm-args", default="", metavar="ARGS",
-                           help='sbatch options for every job with --plugin slurm, e.g. "-p gpu --gres=gpu:1"')
+                           help='sbatch options for every job with --plugin slurm; give them with "=", e.g. '
+                                '--slurm-args="-p gpu --gres=gpu:1" (default --cpus-per-task is --omp-nthreads)')
     execution.add_argument("-v", "--verbose", action="count", default=0, help="more messages (-vv: debug)")
     return parser
 
@@ -152,10 +154,14 @@ def _configure_logging(verbosity: int) -> None:
 
 
 def _log_to_file(output_dir: Path, level: str) -> None:
-    """Also keep the messages in ``output_dir/logs/rwcflow-<level>-<time>.log``."""
+    """Also keep the messages in ``output_dir/logs/rwcflow-<level>-<time>[-job<id>].log`` (the SLURM job,
+    or array job and task, when run as one: array tasks starting in the same second keep separate logs)."""
     folder = output_dir / "logs"
     folder.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(folder / f"rwcflow-{level}-{time.strftime('%Y%m%d-%H%M%S')}.log")
+    job = "_".join(filter(None, (os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID"),
+                                 os.environ.get("SLURM_ARRAY_TASK_ID"))))
+    name = f"rwcflow-{level}-{time.strftime('%Y%m%d-%H%M%S')}{f'-job{job}' if job else ''}.log"
+    handler = logging.FileHandler(folder / name)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +38,20 @@ class RunOptions:
 
     def submitter(self) -> Submitter:
         """A Pydra submitter caching into the work folder: ``cf`` runs ``nprocs / omp_nthreads`` jobs at
-        once (forked, each with ``omp_nthreads`` threads), ``slurm`` submits each job with ``slurm_args``.
-        Jobs that failed in an earlier run are forgotten first, so that a re-run retries them."""
+        once (forked, each with ``omp_nthreads`` threads), ``slurm`` submits each job with ``slurm_args``
+        (plus ``--cpus-per-task=omp_nthreads`` unless they set it; the jobs inherit this process's
+        environment, thread limits included). Jobs that failed in an earlier run are forgotten first, so that a re-run retries them."""
         cache = self.work_dir / "pydra"
         forget_failures(cache)
         if self.plugin == "slurm":
-            return Submitter(worker="slurm", cache_root=cache, sbatch_args=self.slurm_args)
+            return Submitter(worker="slurm", cache_root=cache, sbatch_args=self.sbatch_args())
         return Submitter(worker="cf", cache_root=cache, n_procs=max(1, self.nprocs // self.omp_nthreads))
+
+    def sbatch_args(self) -> str:
+        """``slurm_args``, with ``--cpus-per-task=omp_nthreads`` added when they do not set it."""
+        if re.search(r"(^|\s)(-c|--cpus-per-task)(\s|=|\d|$)", self.slurm_args):
+            return self.slurm_args
+        return f"{self.slurm_args} --cpus-per-task={self.omp_nthreads}".strip()
 
 
 def forget_failures(cache: Path) -> list[Path]:

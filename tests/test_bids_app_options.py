@@ -31,3 +31,16 @@ def test_a_failed_job_is_run_again_by_the_next_submission(tmp_path):
     # the next run runs the job again: the real error again, not a stale "failed" record
     with options.submitter() as submitter, pytest.raises(Exception, match="CUDA was asked for"):
         submitter(workflow, raise_errors=True)
+
+
+@pytest.mark.parametrize(("slurm_args", "expected"), [
+    ("", "--cpus-per-task=4"),
+    ("-p gpu --gres=gpu:1", "-p gpu --gres=gpu:1 --cpus-per-task=4"),
+    ("-p gpu -c 8", "-p gpu -c 8"),
+    ("-c8", "-c8"),
+    ("--cpus-per-task=2 --mem=8G", "--cpus-per-task=2 --mem=8G"),
+])
+def test_slurm_jobs_get_the_thread_count_as_cpus_unless_the_user_sets_it(tmp_path, slurm_args, expected):
+    options = RunOptions(template=TemplateChoice("unbiased", None), work_dir=tmp_path, omp_nthreads=4,
+                         plugin="slurm", slurm_args=slurm_args)
+    assert options.sbatch_args() == expected
