@@ -9,6 +9,7 @@ the fixed grid holding the fixed→moving mapping, as rwcflow writes them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, fields
@@ -63,6 +64,15 @@ class Case:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2) + "\n")
         return path
+
+    def digest(self) -> str:
+        """SHA-256 of the images and of what is known about them: a record of a run on this case stays
+        valid only while it is unchanged (a rebuilt case with new data gets a new digest)."""
+        digest = hashlib.sha256()
+        for key in _PATHS:
+            value = getattr(self, key)
+            digest.update(key.encode() + (value.read_bytes() if value is not None else b"-"))
+        return digest.hexdigest()
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Case:

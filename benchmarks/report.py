@@ -138,6 +138,10 @@ def markdown(run: dict) -> str:
         lines += [f"Machine load (1-min load average, mean of the values at the start and end of each run): "
                   f"{np.mean(loads):.1f} on average, {min(loads):.1f}–{max(loads):.1f}; above the CPU count, "
                   "other work shared the CPUs and wall times are longer than on an idle machine.", ""]
+    dates = sorted({r["date"] for r in run["records"] if "date" in r})
+    if len({date[:10] for date in dates}) > 1:
+        lines += [f"Runs measured in several sittings (resumed), from {dates[0]} to {dates[-1]}: each record "
+                  "in the JSON has its date.", ""]
     notes = [f"skipped {spec}: {reason}" for spec, reason in run.get("skipped", {}).items()] + run.get("notes", [])
     lines += [f"- {note}" for note in notes] + ([""] if notes else [])
     lines += ["Dice/HD95 over the labels both images hold; SDlogJ, std log J and folding of the whole "

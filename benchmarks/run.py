@@ -5,7 +5,9 @@
     python -m benchmarks.run --cases fsavg-vs-dmp-1mm --methods rwcflow-io ants-syn
     python -m benchmarks.run --learn2reg OASIS/OASIS_dataset.json --learn2reg-pairs 10 --methods rwcflow-io convexadam
 
-Missing cases are built first (:mod:`benchmarks.data`). A method that cannot run here (a peer not
+Missing cases are built first (:mod:`benchmarks.data`). ``--resume`` keeps the successful runs of an
+earlier ``<out>.json`` (same threads and device, same case data) and runs only the rest, so a long
+suite can be run in several sittings; each record carries the date it was measured. A method that cannot run here (a peer not
 installed, no RWCNet model) is skipped with a one-line notice; one that fails or times out on a case
 is reported as such in the table. Prints a Markdown table per case and writes ``<out>.json``,
 ``<out>.md``, ``<out>_dice_time.png`` and ``<out>_label_dice.png`` (default out:
@@ -15,6 +17,8 @@ is reported as such in the table. Prints a Markdown table per case and writes ``
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
 import re
 import shutil
@@ -65,7 +69,8 @@ def run_one(case: Case, case_json: Path, spec: str, work: Path, context: Context
                            ["--case", str(case_json), "--method", spec, "--out", str(out), "--context", context.to_json()],
                            threads=context.threads, timeout=timeout)
     record = {"case": case.name, "group": case.group, "method": spec, **(record or {}), "status": status,
-              "load_average": round((load + os.getloadavg()[0]) / 2, 2)}
+              "load_average": round((load + os.getloadavg()[0]) / 2, 2), "case_digest": case.digest(),
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     if status == "ok":
         try:
             record["metrics"] = evaluate(case, out / XFM)
@@ -77,16 +82,25 @@ def run_one(case: Case, case_json: Path, spec: str, work: Path, context: Context
 
 
 def run(cases: list[tuple[Case, Path]], specs: list[str], context: Context, *, timeout: float,
-        work: Path, keep_fields: bool = False, say=print,
+        work: Path, keep_fields: bool = False, say=print, earlier: list[dict] = (),
         after_case: Callable[[list[dict], dict[str, str]], None] | None = None) -> tuple[list[dict], dict[str, str]]:
     """Every case with every usable method; the records (time ratios added) and the skipped methods.
 
-    ``after_case(records, skipped)`` is called after each case (to save partial results).
+    A successful record in ``earlier`` for the same case (name and data digest) and method is kept
+    instead of running again. ``after_case(records, skipped)`` is called after each case (to save
+    partial results).
     """
     usable, skipped = usable_methods(specs, context, say)
+    kept = {(r["case"], r["method"], r.get("case_digest")): r for r in earlier if r.get("status") == "ok"}
     records = []
     for case, case_json in cases:
+        digest = case.digest()
         for spec in usable:
+            record = kept.get((case.name, spec, digest))
+            if record is not None:
+                say(f"{case.name:24s} {spec:18s} kept from {record.get('date', 'an earlier run')}")
+                records.append(record)
+                continue
             record = run_one(case, case_json, spec, work, context, timeout, keep_fields)
             dice = record.get("metrics", {}).get("dice_mean")
             say(f"{case.name:24s} {spec:18s} {record.get('wall_s', float('nan')):8.1f} s  "
@@ -96,6 +110,19 @@ def run(cases: list[tuple[Case, Path]], specs: list[str], context: Context, *, t
         if after_case is not None:
             after_case(records, skipped)
     return records, skipped
+
+
+def earlier_records(path: Path, threads: int, device: str) -> list[dict]:
+    """The records of an earlier run written at ``path`` (none if absent), if it ran with the same threads
+    and device; a ``ValueError`` otherwise (its times would not compare)."""
+    if not path.exists():
+        return []
+    results = json.loads(path.read_text())
+    settings = results.get("settings", {})
+    if (settings.get("threads"), settings.get("device")) != (threads, device):
+        raise ValueError(f"{path}: ran with threads={settings.get('threads')} device={settings.get('device')}, "
+                         f"not threads={threads} device={device}: cannot resume it")
+    return results.get("records", [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per registration")
     parser.add_argument("--out", type=Path, help="output prefix (default benchmarks/results/bench_<mode>_<device>)")
     parser.add_argument("--keep-fields", action="store_true", help="keep every method's xfm.nii.gz in CACHE/runs")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the successful runs recorded in <out>.json (same threads, device and case data)")
     args = parser.parse_args(argv)
 
     from rwcflow.checkpoint import default_model_path
@@ -135,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     cases += [(case, case.save(work / "cases" / _slug(case.name) / "case.json")) for case in extra]
 
     prefix = args.out or REPOSITORY / "benchmarks" / "results" / f"bench_{args.mode}_{args.device}"
+    try:
+        earlier = earlier_records(prefix.with_suffix(".json"), args.threads, args.device) if args.resume else []
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     results = {
         "environment": {**environment(PEER_PACKAGES), "peers": peers.versions(context)},
         "settings": {"mode": args.mode, "selected": bool(args.cases or args.methods or args.learn2reg),
@@ -146,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         report.write_report({**results, "skipped": skipped, "records": records}, prefix, figures=False)
 
     records, skipped = run(cases, args.methods or METHODS[args.mode], context, timeout=args.timeout,
-                           work=work, keep_fields=args.keep_fields, after_case=save)
+                           work=work, keep_fields=args.keep_fields, earlier=earlier, after_case=save)
     results.update(skipped=skipped, records=records)
     written = report.write_report(results, prefix)
     print(report.markdown(results))

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from benchmarks.data import brain_grid, build_case
 from benchmarks.evaluate import evaluate, voxel_field
 from benchmarks.learn2reg import learn2reg_cases
 from benchmarks.methods import Context, make_method
-from benchmarks.run import run
+from benchmarks.run import earlier_records, run
 from rwcflow import checkpoint, spatial, transforms
 from rwcflow.io import Grid, Image, load_image, save_image
 from rwcflow.models import RWCNet, RWCNetConfig
@@ -215,3 +216,35 @@ def test_method_specs_and_time_ratios():
     report.add_time_ratios(records)
     assert records[1]["time_ratio_ants"] == 0.25 and "time_ratio_ants" not in records[2]
     assert math.isclose(records[0]["time_ratio_ants"], 1.0)
+
+
+def test_resume_keeps_successful_runs_on_unchanged_cases_only(tmp_path, smooth_volume, capsys):
+    shape, grid_affine = (16, 18, 14), affine(np.diag([2.0, 2.0, 2.0]), [0, 0, 0])
+    image = smooth_volume(shape)[0, 0].numpy()
+    labels = cube(shape, (3, 3, 3), (10, 12, 9))
+    case, case_json = write_case(tmp_path / "case", "pair", grid_affine, image, image, labels, labels)
+    context = Context(threads=1)
+    first, _ = run([(case, case_json)], ["identity", "affine"], context, timeout=300, work=tmp_path / "work")
+    report.write_report({"environment": {"date": "d", "processor": "p", "cpu_count": 2, "python": "3"},
+                         "settings": {"threads": 1, "device": "cpu"}, "skipped": {},
+                         "records": first}, tmp_path / "bench")
+    earlier = earlier_records(tmp_path / "bench.json", 1, "cpu")
+    assert [r["method"] for r in earlier] == ["identity", "affine"] and earlier[0]["case_digest"] == case.digest()
+    with pytest.raises(ValueError, match="threads=1 device=cpu, not threads=2"):
+        earlier_records(tmp_path / "bench.json", 2, "cpu")
+    assert earlier_records(tmp_path / "absent.json", 1, "cpu") == []
+
+    capsys.readouterr()
+    again, _ = run([(case, case_json)], ["identity", "affine"], context, timeout=300, work=tmp_path / "work",
+                   earlier=earlier[:1])  # the affine run is missing: only it runs
+    out = capsys.readouterr().out
+    assert "identity           kept from " in out and "affine             kept" not in out
+    assert re.search(r"pair +affine +[0-9.]+ s  Dice 1\.000  ok", out)  # run again
+    assert again[0]["date"] == earlier[0]["date"] and again[0]["metrics"] == earlier[0]["metrics"]
+    assert again[1]["status"] == "ok"
+
+    save_image(Image(np.roll(labels, 2, axis=0), grid_affine), case.moving_labels)  # the case's data changed
+    assert case.digest() != earlier[0]["case_digest"]
+    rerun, _ = run([(case, case_json)], ["identity"], context, timeout=300, work=tmp_path / "work", earlier=earlier)
+    assert "kept from" not in capsys.readouterr().out
+    assert rerun[0]["case_digest"] == case.digest() and rerun[0]["metrics"]["dice_mean"] < 1.0
