@@ -60,8 +60,9 @@ REAL = re.compile(r"^fsavg-vs-dmp-(?P<resolution>\d+)mm$")
 SYNTHETIC = re.compile(r"^(?P<anatomy>mni|fsavg)-(?P<resolution>\d+)mm-d(?P<displacement>\d+)-s(?P<seed>\d+)$")
 MODES = {
     "quick": ["fsavg-vs-dmp-2mm", "fsavg-2mm-d10-s0"],
-    "full": ["fsavg-vs-dmp-1mm"] + [f"{anatomy}-1mm-d{d:02d}-s{seed}" for anatomy in ("mni", "fsavg")
-                                    for d in (5, 10, 15) for seed in (0, 1, 2)],
+    # seed by seed, so that a run stopped part-way (and resumed later) already covers both anatomies and all amplitudes
+    "full": ["fsavg-vs-dmp-1mm"] + [f"{anatomy}-1mm-d{d:02d}-s{seed}" for seed in (0, 1, 2)
+                                    for anatomy in ("mni", "fsavg") for d in (5, 10, 15)],
 }
 
 
