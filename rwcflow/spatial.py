@@ -40,14 +40,17 @@ def sample(image: Tensor, coords: Tensor, *, mode: str = "bilinear", padding_mod
     """Sample ``image`` ``(B, C, X, Y, Z)`` at voxel coordinates ``coords`` ``(B, 3, X', Y', Z')``.
 
     ``mode`` is ``"bilinear"`` (trilinear) or ``"nearest"``; ``padding_mode`` is ``"border"`` or
-    ``"zeros"``. A batch of one in either argument is broadcast against the other.
+    ``"zeros"``. A batch of one in either argument is broadcast against the other. Sampling runs in the
+    wider of the two dtypes (a half-precision image sampled at float32 coordinates gives float32), so
+    that coordinates keep their sub-voxel precision on large grids.
     """
     if coords.shape[0] != image.shape[0]:
         batch = max(coords.shape[0], image.shape[0])
         coords = coords.expand(batch, *coords.shape[1:])
         image = image.expand(batch, *image.shape[1:])
-    grid = _normalised_grid(coords.to(image.dtype), image.shape[2:])
-    return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    dtype = torch.promote_types(image.dtype, coords.dtype)
+    grid = _normalised_grid(coords.to(dtype), image.shape[2:])
+    return F.grid_sample(image.to(dtype), grid, mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
 def warp(image: Tensor, field: Tensor, *, mode: str = "bilinear", padding_mode: str = "border") -> Tensor:

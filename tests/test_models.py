@@ -331,6 +331,8 @@ def test_resize_region_is_a_region_of_the_resized_volume():
     volume = torch.rand(2, 4, 5, 7, 6)
     index = (..., slice(3, 9), slice(0, 5), slice(7, 11))
     torch.testing.assert_close(resize_region(volume, (9, 13, 11), index), resize(volume, (9, 13, 11))[index])
+    whole = (..., slice(None), slice(2, None), slice(None, 4))  # open slices, as numpy's
+    torch.testing.assert_close(resize_region(volume, (9, 13, 11), whole), resize(volume, (9, 13, 11))[whole])
 
 
 def test_patched_identity_reproduces_its_input():

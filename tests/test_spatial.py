@@ -76,6 +76,21 @@ def test_warp_fractional_translation_is_the_shifted_function(shift):
     assert outside.any() and torch.all(zeros[outside] == 0)
 
 
+def test_sample_half_precision_image_keeps_the_coordinates_precision():
+    # a ramp along a long axis, exact in float16 (integers); sampled a quarter voxel off every voxel
+    # centre: the answer is the coordinate itself. float16 coordinates would be off by up to ~0.06
+    # voxel here (1e-3 relative in the normalised grid); float32 ones are not.
+    n = 256
+    ramp = torch.arange(n, dtype=torch.float16).reshape(1, 1, n, 1, 1).expand(1, 1, n, 2, 2)
+    coords = torch.zeros(1, 3, n - 1, 2, 2)
+    coords[:, 0] = torch.arange(n - 1, dtype=torch.float32).reshape(-1, 1, 1) + 0.25
+    coords[:, 1] = torch.arange(2.0).reshape(1, -1, 1)
+    coords[:, 2] = torch.arange(2.0).reshape(1, 1, -1)
+    sampled = spatial.sample(ramp, coords)
+    assert sampled.dtype == torch.float32
+    torch.testing.assert_close(sampled[0, 0], coords[0, 0], atol=1e-4, rtol=0)
+
+
 def test_sample_at_arbitrary_points_and_broadcast_batches():
     image = multilinear(spatial.identity_grid(SHAPE))
     generator = torch.Generator().manual_seed(0)

@@ -71,13 +71,14 @@ def resize(volume: Tensor, shape: Sequence[int]) -> Tensor:
 
 
 def resize_region(volume: Tensor, shape: Sequence[int], index: tuple[slice, ...]) -> Tensor:
-    """``resize(volume, shape)[index]`` (``index`` ending in three slices) without resizing all of ``volume``."""
+    """``resize(volume, shape)[index]`` (``index`` ending in three slices of unit step) without resizing
+    all of ``volume``; in ``volume``'s dtype."""
     axes = [
-        torch.arange(s.start, s.stop, device=volume.device, dtype=volume.dtype) * ((m - 1) / max(n - 1, 1))
+        torch.arange(*s.indices(n)[:2], device=volume.device, dtype=torch.float32) * ((m - 1) / max(n - 1, 1))
         for s, m, n in zip(index[-3:], volume.shape[2:], shape)
     ]
     coords = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
-    return spatial.sample(volume, coords)
+    return spatial.sample(volume, coords).to(volume.dtype)
 
 
 class Stage(nn.Module):
