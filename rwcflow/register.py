@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from rwcflow.checkpoint import resolve_model
 from rwcflow.errors import InputError
 from rwcflow.io import Grid, Image, load_image, normalize_intensity, read_keypoints, save_image
 from rwcflow.metrics import registration_metrics
-from rwcflow.models import RWCNet
+from rwcflow.models import RWCNet, resize
 from rwcflow.optimize import InstanceOptimization, instance_optimize
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,24 @@ def _options(instance_optimization: bool | int | InstanceOptimization | None) ->
     return InstanceOptimization(iterations=int(instance_optimization))
 
 
+def network_shape(shape: Sequence[int], spacing: Sequence[float], input_spacing_mm: float) -> tuple[int, ...]:
+    """The grid of voxel size ``input_spacing_mm`` spanning the same extent as the grid ``shape`` with
+    ``spacing`` (corner voxel centres shared, as :func:`rwcflow.spatial.resize_field`)."""
+    return tuple(max(2, int(round((n - 1) * s / input_spacing_mm)) + 1) for n, s in zip(shape, spacing))
+
+
+def network_field(run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], fixed: torch.Tensor,
+                  moving: torch.Tensor, spacing: Sequence[float], input_spacing_mm: float | None) -> torch.Tensor:
+    """``run(fixed, moving)`` (a network's displacement in voxels of its input grid) on the grid of
+    ``fixed``: the images are first resampled to the voxel size the network was trained at (when given
+    and not already theirs), and the field back to ``fixed``'s grid and voxel units."""
+    shape = tuple(fixed.shape[2:])
+    inner = shape if input_spacing_mm is None else network_shape(shape, spacing, input_spacing_mm)
+    if inner == shape:
+        return run(fixed, moving)
+    return spatial.resize_field(run(resize(fixed, inner), resize(moving, inner)), shape)
+
+
 def register(
     fixed: ImageLike,
     moving: ImageLike,
@@ -215,7 +233,8 @@ def register(
     if network is not None:
         say("RWCNet")
         with torch.no_grad():
-            field = network(fixed_t, moving_t, return_hidden=False).field
+            field = network_field(lambda f, m: network(f, m, return_hidden=False).field, fixed_t, moving_t,
+                                  fixed.grid.spacing, network.config.input_spacing_mm)
     timings["network_s"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -378,8 +378,9 @@ def _initial_model(config: TrainConfig, k: int, init_model: str | os.PathLike | 
         torch.manual_seed(config.seed)
         return RWCNet(config.model)
     model = copy.deepcopy(init_model) if isinstance(init_model, RWCNet) else load_model(init_model)
-    if model.config != config.model:
+    if replace(model.config, input_spacing_mm=None) != replace(config.model, input_spacing_mm=None):
         raise ValueError(f"init_model's network config differs from the training config's: {init_model}")
+    model.config = config.model  # the voxel size of this run's data
     return model
 
 
@@ -473,6 +474,10 @@ def train_stage(
     steps = config.steps[k]
     stop = steps if stop_at is None else min(stop_at, steps)
 
+    source = source or make_source(config.data)
+    if config.model.input_spacing_mm is None:  # the network is to be run at the voxel size it learns at
+        spacing = source.sample(torch.Generator().manual_seed(config.seed)).spacing
+        config = replace(config, model=replace(config.model, input_spacing_mm=round(float(np.mean(spacing)), 3)))
     model = _initial_model(config, k, init_model).to(device)
     model.freeze_stages(range(k))
     stage = model.stages[k]
@@ -493,7 +498,6 @@ def train_stage(
     module = DistributedDataParallel(stage, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else stage
 
-    source = source or make_source(config.data)
     if rank == 0 and validation is None:
         validation = make_source(config.validation_data).validation() if config.validation_data else source.validation()
     validation = [pair.to(device) for pair in validation or []] if rank == 0 else []

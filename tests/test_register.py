@@ -5,10 +5,12 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from rwcflow.example import make_example_pair
 from rwcflow.io import Grid, Image, resample
-from rwcflow.register import register
+from rwcflow.models import RWCNet, RWCNetConfig
+from rwcflow.register import network_field, network_shape, register
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +78,43 @@ def test_keypoints_pull_the_mapping_to_them(pair):
     guided = register(pair.fixed, pair.moving, model=None, device="cpu", instance_optimization=20,
                       fixed_keypoints=fixed_points, moving_keypoints=moving_points)
     assert error(guided) < 0.7 * error(plain), (error(guided), error(plain))
+
+
+def _centre_of_mass_shift(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+    """A registration of pure translations, in voxels of its input grid: the shift of the centre of mass,
+    as a constant field; it records the grids it ran on."""
+    _centre_of_mass_shift.shapes.append(tuple(fixed.shape[2:]))
+    axes = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in fixed.shape[2:]), indexing="ij")
+    centre = [torch.stack([(a * image[0, 0]).sum() / image[0, 0].sum() for a in axes]) for image in (fixed, moving)]
+    return (centre[1] - centre[0]).view(1, 3, 1, 1, 1).expand(1, 3, *fixed.shape[2:])
+
+
+def test_network_runs_at_its_training_voxel_size_and_its_field_keeps_millimetres():
+    # a blob on a grid of 1 x 2 x 1.5 mm voxels, moved by (6, 4, 6) mm; the "network" is trained at 2 mm
+    shape, spacing, shift_mm = (33, 17, 25), (1.0, 2.0, 1.5), np.array([6.0, 4.0, 6.0])
+    axes = np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, spacing)), indexing="ij")
+    centre = np.array([16.0, 16.0, 18.0])
+    blob = lambda c: np.exp(-sum((a - x) ** 2 for a, x in zip(axes, c)) / (2 * 3.0**2))  # noqa: E731
+    fixed = torch.from_numpy(blob(centre)).float()[None, None]
+    moving = torch.from_numpy(blob(centre + shift_mm)).float()[None, None]
+    _centre_of_mass_shift.shapes = []
+
+    field = network_field(_centre_of_mass_shift, fixed, moving, spacing, 2.0)
+
+    assert network_shape(shape, spacing, 2.0) == (17, 17, 19)
+    assert _centre_of_mass_shift.shapes == [(17, 17, 19)]
+    assert field.shape == (1, 3, *shape)
+    expected_voxels = torch.tensor(shift_mm / spacing, dtype=torch.float32).view(1, 3, 1, 1, 1)
+    torch.testing.assert_close(field, expected_voxels.expand_as(field), atol=0.02, rtol=0)
+    # no training voxel size, or already the images' own: the network runs on the fixed grid
+    for input_spacing in (None, 1.0):
+        _centre_of_mass_shift.shapes = []
+        same = network_field(_centre_of_mass_shift, fixed, moving, (1.0, 1.0, 1.0), input_spacing)
+        assert _centre_of_mass_shift.shapes == [shape] and same.shape == (1, 3, *shape)
+
+
+def test_register_runs_a_network_trained_at_another_voxel_size(pair):
+    network = RWCNet(RWCNetConfig.tiny(input_spacing_mm=8.0)).eval()
+    result = register(pair.fixed, pair.moving, model=network, affine=False, instance_optimization=False, device="cpu")
+    assert result.field.shape == (1, 3, *pair.fixed.data.shape) and torch.isfinite(result.field).all()
+    assert result.warped.grid == pair.fixed.grid

@@ -233,7 +233,10 @@ def test_each_stage_learns_with_the_earlier_stages_frozen(trained, k):
         if any(name.startswith(f"stages.{j}.") for j in range(k)):
             assert not changed, f"frozen stage parameter {name} changed"
     provenance = read_metadata(result.model)["provenance"]
-    assert provenance["trained_stages"] == k + 1 and provenance["training"] == trained["config"].to_dict()
+    trained_config = trained["config"].to_dict()  # as run: with the voxel size of its data
+    trained_config["model"]["input_spacing_mm"] = round(float(np.mean(pair.spacing)), 3)
+    assert provenance["trained_stages"] == k + 1 and provenance["training"] == trained_config
+    assert model.config.input_spacing_mm == trained_config["model"]["input_spacing_mm"]
     assert set(provenance["validation"]) == {"mse", "dice", "epe_mm"}
 
 
@@ -293,7 +296,9 @@ def test_command_line(tmp_path, capsys):
     assert main([str(path), str(tmp_path / "run"), "--quiet", "--stages", "1", "--stop-at", "1"]) == 0
     assert torch.load(tmp_path / "run" / "stage1" / "checkpoint.pt", weights_only=True)["step"] == 1
     assert main([str(path), str(tmp_path / "run"), "--quiet"]) == 0
-    assert load_model(tmp_path / "run" / "model.safetensors").provenance["trained_stages"] == 3
+    final = load_model(tmp_path / "run" / "model.safetensors")
+    assert final.provenance["trained_stages"] == 3
+    assert final.config.input_spacing_mm == 10.0  # the data's voxel size, for register() to run it at
     assert main([str(tmp_path / "missing.json"), str(tmp_path / "x")]) == 2
 
 

@@ -52,6 +52,9 @@ class RWCNetConfig:
     and depth (residual blocks per level going down and up; ``len(up) == len(down) - 1``).
     ``dropout`` applies in the feature encoder. ``patch_overlap`` is the fraction of a patch shared with
     each neighbour. ``integration_steps`` is the number of squarings when ``diffeomorphic``.
+    ``input_spacing_mm``: the voxel size (mm) of the images the network was trained on;
+    :func:`rwcflow.register.register` runs it on a grid of that voxel size (``None``: on the fixed
+    image's own grid), since its stage scales, correlation radii and learned displacements are in voxels.
     """
 
     stages: tuple[StageConfig, ...] = PAPER_STAGES
@@ -67,6 +70,7 @@ class RWCNetConfig:
     use_correlation: bool = True
     diffeomorphic: bool = False
     integration_steps: int = 7
+    input_spacing_mm: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
@@ -89,6 +93,8 @@ class RWCNetConfig:
             raise ValueError(f"patch_overlap must be in [0, 1), got {self.patch_overlap}")
         if self.integration_steps < 0:
             raise ValueError(f"integration_steps must be non-negative, got {self.integration_steps}")
+        if self.input_spacing_mm is not None and not self.input_spacing_mm > 0:
+            raise ValueError(f"input_spacing_mm must be positive, got {self.input_spacing_mm}")
 
     def to_dict(self) -> dict:
         """Plain JSON types only (lists, numbers, booleans)."""
