@@ -20,7 +20,6 @@ from rwcflow.models import RWCNet, RWCNetConfig, StageConfig, stage_shape
 from rwcflow.synth import SynthOptions, synthesize_pair
 from rwcflow.train import (
     LossWeights,
-    StageBatch,
     TrainConfig,
     evaluate,
     field_terms,
