@@ -240,14 +240,17 @@ def normalize_intensity(
 ) -> np.ndarray:
     """Scale intensities to about ``[0, 1]``.
 
-    ``modality="mri"``: robust percentiles of the non-zero (or masked) voxels map to 0 and 1, values
-    clipped. ``modality="ct"``: the fixed Hounsfield ``window`` maps to 0 and 1, values clipped.
+    ``modality="mri"``: robust percentiles of the foreground (or masked) voxels map to 0 and 1, values
+    clipped; the foreground is what exceeds 1e-3 of the largest magnitude, so that the near-zero halo
+    resampling leaves around a skull-stripped brain does not count as tissue (it would pull the low
+    percentile to 0, and two sessions with different halos would be scaled differently).
+    ``modality="ct"``: the fixed Hounsfield ``window`` maps to 0 and 1, values clipped.
     """
     data = np.asarray(data, dtype=np.float32)
     if modality == "ct":
         low, high = window
     elif modality == "mri":
-        region = data[mask > 0] if mask is not None else data[data != 0]
+        region = data[mask > 0] if mask is not None else data[np.abs(data) > 1e-3 * np.abs(data).max(initial=0)]
         if region.size == 0:
             region = data.ravel()
         low, high = np.percentile(region, percentiles)
