@@ -44,19 +44,25 @@ def output_name(image: PathLike, suffix: str) -> str:
     return f"{stem(image)}_{suffix}.nii.gz"
 
 
-def instance_optimization_options(io_iters: int | None = None,
-                                  io_grid_factor: int | None = None) -> InstanceOptimization | bool:
+def instance_optimization_options(io_iters: int | None = None, io_grid_factor: int | None = None,
+                                  io_similarity: str | None = None, io_regularization: float | None = None,
+                                  io_interpolation: str | None = None) -> InstanceOptimization | bool:
     """:func:`~rwcflow.register.register`'s ``instance_optimization`` for ``io_iters`` Adam steps per level
     (``None``: the default; 0: off) on a control grid of ``io_grid_factor`` fixed voxels per control voxel
-    (``None``: the default, 2; 1 resolves small local changes)."""
+    (``None``: the default, 2; 1 resolves small local changes), with ``io_similarity`` (``"mind"``,
+    ``"ncc"``, ``"mse"``), ``io_regularization`` and ``io_interpolation`` (``"linear"``, ``"bspline"``)
+    as :class:`~rwcflow.optimize.InstanceOptimization` (``None``: its defaults)."""
     if io_iters == 0:
         return False
-    chosen = (("iterations", io_iters), ("grid_factor", io_grid_factor))
+    chosen = (("iterations", io_iters), ("grid_factor", io_grid_factor), ("similarity", io_similarity),
+              ("regularization", io_regularization), ("interpolation", io_interpolation))
     return InstanceOptimization(**{key: value for key, value in chosen if value is not None})
 
 
 def register_files(fixed: PathLike, moving: PathLike, out_dir: PathLike, *, model: str = "default",
-                   io_iters: int | None = None, io_grid_factor: int | None = None, affine: bool = True,
+                   io_iters: int | None = None, io_grid_factor: int | None = None,
+                   io_similarity: str | None = None, io_regularization: float | None = None,
+                   io_interpolation: str | None = None, affine: bool = True,
                    device: str = "auto", fixed_labels: PathLike | None = None,
                    moving_labels: PathLike | None = None, fixed_mask: PathLike | None = None,
                    moving_mask: PathLike | None = None) -> dict[str, Path | None]:
@@ -71,7 +77,8 @@ def register_files(fixed: PathLike, moving: PathLike, out_dir: PathLike, *, mode
     log.info("%s: registering", name)
     result = register(
         fixed, moving, model=model, affine=affine,
-        instance_optimization=instance_optimization_options(io_iters, io_grid_factor), device=device,
+        instance_optimization=instance_optimization_options(io_iters, io_grid_factor, io_similarity,
+                                                            io_regularization, io_interpolation), device=device,
         fixed_mask=fixed_mask, moving_mask=moving_mask, fixed_labels=fixed_labels, moving_labels=moving_labels,
         progress=lambda message: log.debug("%s: %s", name, message),
     )

@@ -42,7 +42,9 @@ def AffineAlign(fixed: File, moving: File, fixed_mask: File | None = None, movin
 @python.define(outputs={"warped": File, "xfm": File, "affine": File,
                         "warped_labels": File | None, "metrics": File | None})
 def Register(fixed: File, moving: File, model: str = "default", io_iters: int | None = None,
-             io_grid_factor: int | None = None, affine: bool = True, device: str = "auto",
+             io_grid_factor: int | None = None, io_similarity: str | None = None,
+             io_regularization: float | None = None, io_interpolation: str | None = None,
+             affine: bool = True, device: str = "auto",
              fixed_labels: File | None = None, moving_labels: File | None = None,
              fixed_mask: File | None = None, moving_mask: File | None = None,
              ) -> tuple[File, File, File, File | None, File | None]:
@@ -52,10 +54,14 @@ def Register(fixed: File, moving: File, model: str = "default", io_iters: int | 
     (ITK text transform) and, with label maps, ``warped_labels`` and ``metrics`` (JSON), each named after
     the moving image. ``io_iters`` is the instance-optimisation iterations (``None``: the default; 0: off)
     and ``io_grid_factor`` its fixed voxels per control-grid voxel (``None``: the default, 2; 1 resolves
-    small local changes); ``device="auto"`` picks CUDA when the job's machine has it.
+    small local changes); ``io_similarity``, ``io_regularization``, ``io_interpolation``: as
+    :class:`rwcflow.optimize.InstanceOptimization` (``None``: its defaults); ``device="auto"`` picks
+    CUDA when the job's machine has it.
     """
     written = steps.register_files(
-        fixed, moving, Path.cwd(), model=model, io_iters=io_iters, io_grid_factor=io_grid_factor, affine=affine,
+        fixed, moving, Path.cwd(), model=model, io_iters=io_iters, io_grid_factor=io_grid_factor,
+        io_similarity=io_similarity, io_regularization=io_regularization, io_interpolation=io_interpolation,
+        affine=affine,
         device=device, fixed_labels=fixed_labels, moving_labels=moving_labels, fixed_mask=fixed_mask,
         moving_mask=moving_mask)
     return tuple(written[key] for key in steps.REGISTRATION_FILES)

@@ -21,6 +21,7 @@ from rwcflow.example import make_example_pair
 from rwcflow.interfaces import (ApplyTransform, AverageFields, AverageImages, ComposeTransforms, InvertTransform,
                                 JacobianMaps, Register, ShapeUpdate, SingleSession)
 from rwcflow.io import Grid, Image, load_image, save_image
+from rwcflow.optimize import InstanceOptimization
 from rwcflow.register import register
 
 from grids import oblique_grid
@@ -80,6 +81,14 @@ def test_register_matches_the_engine_and_names_outputs_after_the_moving_image(pa
                          device="cpu"), tmp_path, "bare")
     assert not isdefined(bare.warped_labels) and not isdefined(bare.metrics)
     assert np.abs(transforms.read_displacement_field(bare.xfm)[0]).max() < 1e-5
+
+    # the instance-optimisation options reach the engine
+    tuned = _run(Register(fixed=files["fixed"], moving=files["moving"], model="none", io_iters=5, io_similarity="mse",
+                          io_regularization=0.01, io_interpolation="bspline", device="cpu", num_threads=1),
+                 tmp_path, "tuned")
+    options = InstanceOptimization(iterations=5, similarity="mse", regularization=0.01, interpolation="bspline")
+    direct = register(files["fixed"], files["moving"], model="none", instance_optimization=options, device="cpu")
+    np.testing.assert_allclose(load_image(tuned.warped).data, direct.warped.data, atol=1e-5)
 
 
 def test_apply_transform_of_a_ramp_through_a_translation_onto_a_reference(tmp_path):

@@ -14,6 +14,7 @@ from rwcflow import maps, transforms
 from rwcflow.affine import affine_align
 from rwcflow.example import make_example_pair
 from rwcflow.io import Grid, Image, load_image, save_image
+from rwcflow.optimize import InstanceOptimization
 from rwcflow.register import register
 from rwcflow.tasks import AffineAlign, ApplyTransform, AverageImages, JacobianMaps, Register
 
@@ -70,6 +71,18 @@ def test_register_task_matches_register_and_is_cached(pair_files, submit):
                             device="cpu"))
     assert Path(again.warped) == Path(out.warped)
     assert Path(again.warped).stat().st_mtime_ns == stamp
+
+
+def test_register_task_passes_its_instance_optimisation_options(pair_files, submit):
+    files = pair_files
+    out = submit(Register(fixed=files["fixed"], moving=files["moving"], model="none", io_iters=5, io_grid_factor=1,
+                          io_similarity="mse", io_regularization=0.01, io_interpolation="bspline", device="cpu"))
+    options = InstanceOptimization(iterations=5, grid_factor=1, similarity="mse", regularization=0.01,
+                                   interpolation="bspline")
+    direct = register(files["fixed"], files["moving"], model="none", instance_optimization=options, device="cpu")
+    default = register(files["fixed"], files["moving"], model="none", instance_optimization=5, device="cpu")
+    np.testing.assert_allclose(_data(out.warped), direct.warped.data, atol=1e-5)
+    assert np.abs(direct.warped.data - default.warped.data).max() > 1e-3  # the options made a difference
 
 
 def test_register_task_without_labels_has_no_label_outputs(pair_files, submit):

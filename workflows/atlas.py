@@ -32,15 +32,17 @@ def _register_all(template, images: list[File], labels: list[File] | None, name:
                           "label_values": list[int] | None})
 def Atlas(images: list[File], iterations: int = 3, gradient_step: float = 0.25, shape_repeats: int = 4,
           sharpen: float = 0.0, model: str = "default", io_iters: int | None = None,
-          io_grid_factor: int | None = None, affine: bool = True, device: str = "auto",
-          labels: list[File] | None = None, initial_template: File | None = None):
+          io_grid_factor: int | None = None, io_similarity: str | None = None,
+          io_regularization: float | None = None, io_interpolation: str | None = None, affine: bool = True,
+          device: str = "auto", labels: list[File] | None = None, initial_template: File | None = None):
     """Build an unbiased template from ``images``.
 
     Inputs: ``images`` (two or more NIfTI/MGZ images); ``iterations`` (template updates, fixed when the
     workflow is built); ``gradient_step`` (fraction of the mean field removed per update step) applied
     ``shape_repeats`` times (ANTs: 4); ``sharpen``, the Laplacian sharpening of each average
     (:func:`rwcflow.maps.laplacian_sharpen`; 0: none, ANTs sharpens by default); ``model``,
-    ``io_iters``, ``io_grid_factor``, ``affine``, ``device`` (as for :class:`rwcflow.tasks.Register`);
+    ``io_iters``, ``io_grid_factor``, ``io_similarity``, ``io_regularization``, ``io_interpolation``,
+    ``affine``, ``device`` (as for :class:`rwcflow.tasks.Register`);
     ``labels`` (one label map per image, same grids) for label probability maps; ``initial_template``
     (default: the mean of the images on the first one's grid, affinely aligned to it when ``affine``).
 
@@ -59,7 +61,9 @@ def Atlas(images: list[File], iterations: int = 3, gradient_step: float = 0.25, 
         raise ValueError(f"a template needs two or more images, got {len(images)}")
     if labels is not None and len(labels) != len(images):
         raise ValueError(f"{len(labels)} label maps for {len(images)} images")
-    options = dict(model=model, io_iters=io_iters, io_grid_factor=io_grid_factor, affine=affine, device=device)
+    options = dict(model=model, io_iters=io_iters, io_grid_factor=io_grid_factor, io_similarity=io_similarity,
+                   io_regularization=io_regularization, io_interpolation=io_interpolation, affine=affine,
+                   device=device)
     template = initial_template
     if template is None:
         starts = images

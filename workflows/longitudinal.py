@@ -25,8 +25,9 @@ log = logging.getLogger("rwcflow")
 @workflow.define(outputs=["template", "xfms", "inverse_xfms", "warped", "jacobians", "log_jacobians",
                           "group_xfm", "group_xfms", "group_warped"])
 def Longitudinal(sessions: list[File], iterations: int = 2, step: float = 0.5, model: str = "default",
-                 io_iters: int | None = None, io_grid_factor: int = 1, affine: bool = True, device: str = "auto",
-                 group_template: File | None = None):
+                 io_iters: int | None = None, io_grid_factor: int = 1, io_similarity: str | None = None,
+                 io_regularization: float | None = None, io_interpolation: str | None = None,
+                 affine: bool = True, device: str = "auto", group_template: File | None = None):
     """All sessions of one participant -> an unbiased within-subject template, transforms and change maps.
 
     Args:
@@ -37,6 +38,10 @@ def Longitudinal(sessions: list[File], iterations: int = 2, step: float = 0.5, m
         io_iters: instance-optimisation iterations per registration (``None``: the default; 0: off).
         io_grid_factor: template voxels per instance-optimisation control voxel (1: full resolution,
             which local longitudinal changes need; 2: the pairwise default).
+        io_similarity, io_regularization, io_interpolation: the within-subject registrations' instance
+            optimisation (as :class:`rwcflow.optimize.InstanceOptimization`; ``None``: its defaults).
+            Sessions share their contrast, so ``"mse"`` or ``"ncc"`` fit, and ``"bspline"`` sampling
+            resolves sub-voxel changes that trilinear sampling pulls towards zero.
         affine: estimate an affine pre-alignment in every registration (and start from the average of
             the sessions affinely aligned to the first; without it, from their plain world-space average).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``, resolved inside each job.
@@ -76,8 +81,9 @@ def Longitudinal(sessions: list[File], iterations: int = 2, step: float = 0.5, m
         template, xfms, inverse_xfms, warped = single.template, single.xfms, single.xfms, single.warped
     else:
         atlas = workflow.add(Atlas(images=sessions, iterations=iterations, gradient_step=step, shape_repeats=1,
-                                   model=model, io_iters=io_iters, io_grid_factor=io_grid_factor, affine=affine,
-                                   device=device), name="template")
+                                   model=model, io_iters=io_iters, io_grid_factor=io_grid_factor,
+                                   io_similarity=io_similarity, io_regularization=io_regularization,
+                                   io_interpolation=io_interpolation, affine=affine, device=device), name="template")
         inverse = workflow.add(InvertTransform().split(xfm=atlas.xfms).combine("xfm"), name="invert")
         template, xfms, inverse_xfms, warped = atlas.template, atlas.xfms, inverse.out, atlas.warped
     jacobians = workflow.add(JacobianMaps().split(xfm=xfms).combine("xfm"), name="jacobians")

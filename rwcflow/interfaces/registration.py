@@ -18,6 +18,9 @@ class _RegisterInputSpec(BaseInterfaceInputSpec):
     model = traits.Str("default", usedefault=True, desc='RWCNet model: "default", "none" or a model file')
     io_iters = traits.Int(desc="instance-optimisation Adam steps per level (unset: the default; 0: off)")
     io_grid_factor = traits.Int(desc="fixed voxels per instance-optimisation control voxel (unset: 2)")
+    io_similarity = traits.Enum("mind", "ncc", "mse", desc="instance-optimisation similarity (unset: mind)")
+    io_regularization = traits.Float(desc="instance-optimisation diffusion weight (unset: the similarity's)")
+    io_interpolation = traits.Enum("linear", "bspline", desc="instance-optimisation sampling (unset: linear)")
     affine = traits.Bool(True, usedefault=True, desc="estimate an affine pre-alignment first")
     device = traits.Str("auto", usedefault=True, desc='"auto" (CUDA when the job has it), "cpu", "cuda"')
     fixed_labels = File(exists=True, desc="label map on the fixed grid (with moving_labels: metrics)")
@@ -51,6 +54,9 @@ class Register(SimpleInterface):
         written = steps.register_files(
             self.inputs.fixed, self.inputs.moving, runtime.cwd, model=self.inputs.model,
             io_iters=optional(self.inputs.io_iters), io_grid_factor=optional(self.inputs.io_grid_factor),
+            io_similarity=optional(self.inputs.io_similarity),
+            io_regularization=optional(self.inputs.io_regularization),
+            io_interpolation=optional(self.inputs.io_interpolation),
             affine=self.inputs.affine, device=self.inputs.device,
             fixed_labels=optional(self.inputs.fixed_labels), moving_labels=optional(self.inputs.moving_labels),
             fixed_mask=optional(self.inputs.fixed_mask), moving_mask=optional(self.inputs.moving_mask),
