@@ -184,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     record = {"environment": environment(["pydra"]), "jobs": args.jobs, "longitudinal": longitudinal, "atlas": atlas}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2))
-    args.out.with_suffix(".md").write_text(report + "\n")
+    args.out.parent.joinpath(args.out.name + ".json").write_text(json.dumps(record, indent=2))  # names may hold dots
+    args.out.parent.joinpath(args.out.name + ".md").write_text(report + "\n")
     return 0
 
 
