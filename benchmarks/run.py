@@ -125,6 +125,13 @@ def earlier_records(path: Path, threads: int, device: str) -> list[dict]:
     return results.get("records", [])
 
 
+def with_earlier(records: list[dict], earlier: list[dict]) -> list[dict]:
+    """``records``, then the earlier records of cases they do not cover: a resumed run stopped part-way
+    loses nothing it had not yet reached."""
+    covered = {record["case"] for record in records}
+    return records + [record for record in earlier if record["case"] not in covered]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -177,11 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     def save(records: list[dict], skipped: dict[str, str]) -> None:
-        report.write_report({**results, "skipped": skipped, "records": records}, prefix, figures=False)
+        report.write_report({**results, "skipped": skipped, "records": with_earlier(records, earlier)}, prefix,
+                            figures=False)
 
     records, skipped = run(cases, args.methods or METHODS[args.mode], context, timeout=args.timeout,
                            work=work, keep_fields=args.keep_fields, earlier=earlier, after_case=save)
-    results.update(skipped=skipped, records=records)
+    results.update(skipped=skipped, records=with_earlier(records, earlier))
     written = report.write_report(results, prefix)
     print(report.markdown(results))
     print("wrote " + ", ".join(str(p) for p in written))

@@ -16,7 +16,7 @@ from benchmarks.data import brain_grid, build_case
 from benchmarks.evaluate import evaluate, voxel_field
 from benchmarks.learn2reg import learn2reg_cases
 from benchmarks.methods import Context, make_method
-from benchmarks.run import earlier_records, run
+from benchmarks.run import earlier_records, run, with_earlier
 from rwcflow import checkpoint, spatial, transforms
 from rwcflow.io import Grid, Image, load_image, save_image
 from rwcflow.models import RWCNet, RWCNetConfig
@@ -242,6 +242,8 @@ def test_resume_keeps_successful_runs_on_unchanged_cases_only(tmp_path, smooth_v
     assert re.search(r"pair +affine +[0-9.]+ s  Dice 1\.000  ok", out)  # run again
     assert again[0]["date"] == earlier[0]["date"] and again[0]["metrics"] == earlier[0]["metrics"]
     assert again[1]["status"] == "ok"
+    elsewhere = {**earlier[0], "case": "another"}  # a case this run did not reach stays in the results
+    assert with_earlier(again, [*earlier, elsewhere]) == [*again, elsewhere]
 
     save_image(Image(np.roll(labels, 2, axis=0), grid_affine), case.moving_labels)  # the case's data changed
     assert case.digest() != earlier[0]["case_digest"]
