@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="Pydra worker: cf (local processes) or slurm (one SLURM job per task, each running "
                                 "this Python installation: rwcflow must be installed where the nodes see it)")
     execution.add_argument("--slurm-args", default="", metavar="ARGS",
-                           help='sbatch options for every job with --plugin slurm; give them with "=", e.g. '
-                                '--slurm-args="-p gpu --gres=gpu:1" (default --cpus-per-task is --omp-nthreads)')
+                           help='sbatch options for every job with --plugin slurm, e.g. "-p gpu --gres=gpu:1" '
+                                '(a single option with "=": --slurm-args=--mem=8G); --cpus-per-task defaults to '
+                                '--omp-nthreads')
     execution.add_argument("-v", "--verbose", action="count", default=0, help="more messages (-vv: debug)")
     return parser
 

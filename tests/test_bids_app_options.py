@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rwcflow.bids_app.cli import build_parser
 from rwcflow.bids_app.options import RunOptions, forget_failures
 from rwcflow.bids_app.spaces import TemplateChoice
 from rwcflow.example import make_example_pair
@@ -44,3 +45,9 @@ def test_slurm_jobs_get_the_thread_count_as_cpus_unless_the_user_sets_it(tmp_pat
     options = RunOptions(template=TemplateChoice("unbiased", None), work_dir=tmp_path, omp_nthreads=4,
                          plugin="slurm", slurm_args=slurm_args)
     assert options.sbatch_args() == expected
+
+
+@pytest.mark.parametrize("argv", [["--slurm-args", "-p gpu --gres=gpu:1"], ["--slurm-args=-p gpu --gres=gpu:1"]])
+def test_slurm_args_are_taken_as_one_value(argv):
+    args = build_parser().parse_args(["bids", "out", "participant", "--plugin", "slurm", *argv])
+    assert args.slurm_args == "-p gpu --gres=gpu:1"
