@@ -5,9 +5,11 @@
     python -m benchmarks.run --cases fsavg-vs-dmp-1mm --methods rwcflow-io ants-syn
     python -m benchmarks.run --learn2reg OASIS/OASIS_dataset.json --learn2reg-pairs 10 --methods rwcflow-io convexadam
 
-Missing cases are built first (:mod:`benchmarks.data`). ``--resume`` keeps the successful runs of an
-earlier ``<out>.json`` (same threads and device, same case data) and runs only the rest, so a long
-suite can be run in several sittings; each record carries the date it was measured. A method that cannot run here (a peer not
+Missing cases are built first (:mod:`benchmarks.data`). ``--resume`` keeps the cases of an earlier
+``<out>.json`` that every method ran successfully with the same engine (git tree of ``rwcflow/``),
+threads, device and case data, and runs the other cases whole (so that the times of one case, and their
+ratios to ANTs SyN, come from one sitting); a long suite can be run in several sittings. Each record
+carries the date it was measured. A method that cannot run here (a peer not
 installed, no RWCNet model) is skipped with a one-line notice; one that fails or times out on a case
 is reported as such in the table. Prints a Markdown table per case and writes ``<out>.json``,
 ``<out>.md``, ``<out>_dice_time.png`` and ``<out>_label_dice.png`` (default out:
@@ -31,7 +33,7 @@ from benchmarks.cases import Case
 from benchmarks.evaluate import evaluate
 from benchmarks.learn2reg import SPLITS, learn2reg_cases
 from benchmarks.methods import Context, make_method
-from benchmarks.system import REPOSITORY, environment, spawn
+from benchmarks.system import REPOSITORY, engine_version, environment, spawn
 from benchmarks.worker import XFM
 
 METHODS = {
@@ -60,7 +62,7 @@ def usable_methods(specs: list[str], context: Context, say=print) -> tuple[list[
 
 
 def run_one(case: Case, case_json: Path, spec: str, work: Path, context: Context, timeout: float,
-            keep_fields: bool = False) -> dict:
+            keep_fields: bool = False, engine: str | None = None) -> dict:
     """Register ``case`` with ``spec`` in a worker process and evaluate its output: one record."""
     out = work / _slug(case.name) / _slug(spec)
     shutil.rmtree(out, ignore_errors=True)
@@ -70,6 +72,7 @@ def run_one(case: Case, case_json: Path, spec: str, work: Path, context: Context
                            threads=context.threads, timeout=timeout)
     record = {"case": case.name, "group": case.group, "method": spec, **(record or {}), "status": status,
               "load_average": round((load + os.getloadavg()[0]) / 2, 2), "case_digest": case.digest(),
+              "engine": engine,
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     if status == "ok":
         try:
@@ -82,26 +85,30 @@ def run_one(case: Case, case_json: Path, spec: str, work: Path, context: Context
 
 
 def run(cases: list[tuple[Case, Path]], specs: list[str], context: Context, *, timeout: float,
-        work: Path, keep_fields: bool = False, say=print, earlier: list[dict] = (),
+        work: Path, keep_fields: bool = False, say=print, earlier: list[dict] = (), engine: str | None = None,
         after_case: Callable[[list[dict], dict[str, str]], None] | None = None) -> tuple[list[dict], dict[str, str]]:
     """Every case with every usable method; the records (time ratios added) and the skipped methods.
 
-    A successful record in ``earlier`` for the same case (name and data digest) and method is kept
-    instead of running again. ``after_case(records, skipped)`` is called after each case (to save
-    partial results).
+    A case is kept from ``earlier`` instead of run again when every usable method has a successful
+    record there for the same case data (digest) and ``engine`` (default :func:`engine_version`; ``None``
+    keeps nothing), which every new record carries.
+    ``after_case(records, skipped)`` is called after each case (to save partial results).
     """
     usable, skipped = usable_methods(specs, context, say)
-    kept = {(r["case"], r["method"], r.get("case_digest")): r for r in earlier if r.get("status") == "ok"}
+    engine = engine or engine_version()
+    kept = {(r["case"], r["method"], r.get("case_digest")): r for r in earlier
+            if r.get("status") == "ok" and engine is not None and r.get("engine") == engine}
     records = []
     for case, case_json in cases:
         digest = case.digest()
+        earlier_case = [kept.get((case.name, spec, digest)) for spec in usable]
+        if all(earlier_case):
+            say(f"{case.name:24s} kept from {earlier_case[0].get('date', 'an earlier run')}")
+            records += earlier_case
+            report.add_time_ratios(records)
+            continue
         for spec in usable:
-            record = kept.get((case.name, spec, digest))
-            if record is not None:
-                say(f"{case.name:24s} {spec:18s} kept from {record.get('date', 'an earlier run')}")
-                records.append(record)
-                continue
-            record = run_one(case, case_json, spec, work, context, timeout, keep_fields)
+            record = run_one(case, case_json, spec, work, context, timeout, keep_fields, engine)
             dice = record.get("metrics", {}).get("dice_mean")
             say(f"{case.name:24s} {spec:18s} {record.get('wall_s', float('nan')):8.1f} s  "
                 f"Dice {dice if dice is not None else float('nan'):.3f}  {record['status']}")

@@ -60,6 +60,19 @@ def environment(extra_packages: list[str] | None = None) -> dict:
     }
 
 
+def engine_version() -> str | None:
+    """The git tree hash of the engine (``rwcflow/``) this checkout runs, or ``None`` when it cannot be
+    told (not a git checkout, or ``rwcflow/`` has uncommitted changes): records measured with the same
+    engine may be kept by a resumed run, others not."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(REPOSITORY), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        return None if git("status", "--porcelain", "--", "rwcflow") else git("rev-parse", "HEAD:rwcflow")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def thread_environment(threads: int) -> dict[str, str]:
     """This process's environment with every thread-count variable set to ``threads``."""
     return {**os.environ, **{name: str(threads) for name in THREAD_VARIABLES}}

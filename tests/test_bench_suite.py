@@ -218,35 +218,40 @@ def test_method_specs_and_time_ratios():
     assert math.isclose(records[0]["time_ratio_ants"], 1.0)
 
 
-def test_resume_keeps_successful_runs_on_unchanged_cases_only(tmp_path, smooth_volume, capsys):
+def test_resume_keeps_whole_cases_measured_with_the_same_engine_and_data(tmp_path, smooth_volume, capsys):
     shape, grid_affine = (16, 18, 14), affine(np.diag([2.0, 2.0, 2.0]), [0, 0, 0])
     image = smooth_volume(shape)[0, 0].numpy()
     labels = cube(shape, (3, 3, 3), (10, 12, 9))
     case, case_json = write_case(tmp_path / "case", "pair", grid_affine, image, image, labels, labels)
-    context = Context(threads=1)
-    first, _ = run([(case, case_json)], ["identity", "affine"], context, timeout=300, work=tmp_path / "work")
+    context, methods, work = Context(threads=1), ["identity", "affine"], tmp_path / "work"
+    first, _ = run([(case, case_json)], methods, context, timeout=300, work=work, engine="engine-1")
     report.write_report({"environment": {"date": "d", "processor": "p", "cpu_count": 2, "python": "3"},
                          "settings": {"threads": 1, "device": "cpu"}, "skipped": {},
                          "records": first}, tmp_path / "bench")
     earlier = earlier_records(tmp_path / "bench.json", 1, "cpu")
-    assert [r["method"] for r in earlier] == ["identity", "affine"] and earlier[0]["case_digest"] == case.digest()
+    assert [r["method"] for r in earlier] == methods and earlier[0]["case_digest"] == case.digest()
+    assert {r["engine"] for r in earlier} == {"engine-1"}
     with pytest.raises(ValueError, match="threads=1 device=cpu, not threads=2"):
         earlier_records(tmp_path / "bench.json", 2, "cpu")
     assert earlier_records(tmp_path / "absent.json", 1, "cpu") == []
 
     capsys.readouterr()
-    again, _ = run([(case, case_json)], ["identity", "affine"], context, timeout=300, work=tmp_path / "work",
-                   earlier=earlier[:1])  # the affine run is missing: only it runs
-    out = capsys.readouterr().out
-    assert "identity           kept from " in out and "affine             kept" not in out
-    assert re.search(r"pair +affine +[0-9.]+ s  Dice 1\.000  ok", out)  # run again
-    assert again[0]["date"] == earlier[0]["date"] and again[0]["metrics"] == earlier[0]["metrics"]
-    assert again[1]["status"] == "ok"
+    kept, _ = run([(case, case_json)], methods, context, timeout=300, work=work, earlier=earlier, engine="engine-1")
+    assert "pair                     kept from " in capsys.readouterr().out
+    assert [(r["date"], r["metrics"]) for r in kept] == [(r["date"], r["metrics"]) for r in earlier]
+
+    # a method missing, or another engine: the whole case runs again (its times from one sitting)
+    for partial, engine in ((earlier[:1], "engine-1"), (earlier, "engine-2"), (earlier, None)):
+        again, _ = run([(case, case_json)], methods, context, timeout=300, work=work, earlier=partial,
+                       engine=engine)
+        out = capsys.readouterr().out
+        assert "kept from" not in out and re.search(r"pair +identity +[0-9.]+ s  Dice 1\.000  ok", out)
+        assert [r["status"] for r in again] == ["ok", "ok"]
     elsewhere = {**earlier[0], "case": "another"}  # a case this run did not reach stays in the results
     assert with_earlier(again, [*earlier, elsewhere]) == [*again, elsewhere]
 
     save_image(Image(np.roll(labels, 2, axis=0), grid_affine), case.moving_labels)  # the case's data changed
     assert case.digest() != earlier[0]["case_digest"]
-    rerun, _ = run([(case, case_json)], ["identity"], context, timeout=300, work=tmp_path / "work", earlier=earlier)
+    rerun, _ = run([(case, case_json)], methods, context, timeout=300, work=work, earlier=earlier, engine="engine-1")
     assert "kept from" not in capsys.readouterr().out
     assert rerun[0]["case_digest"] == case.digest() and rerun[0]["metrics"]["dice_mean"] < 1.0
