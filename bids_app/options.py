@@ -40,7 +40,8 @@ class RunOptions:
         """A Pydra submitter caching into the work folder: ``cf`` runs ``nprocs / omp_nthreads`` jobs at
         once (forked, each with ``omp_nthreads`` threads), ``slurm`` submits each job with ``slurm_args``
         (plus ``--cpus-per-task=omp_nthreads`` unless they set it; the jobs inherit this process's
-        environment, thread limits included). Jobs that failed in an earlier run are forgotten first, so that a re-run retries them."""
+        environment, thread limits included). Jobs that failed in an earlier run are forgotten first,
+        so that a re-run retries them."""
         cache = self.work_dir / "pydra"
         forget_failures(cache)
         if self.plugin == "slurm":
