@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from rwcflow.example import mni152_brain
 from rwcflow.io import Image, load_image, save_image
 from rwcflow.synth import random_smooth_field
 from rwcflow.tasks import Register
+from rwcflow.worker import ForkServerWorker
 from rwcflow.workflows.atlas import Atlas
 from rwcflow.workflows.longitudinal import Longitudinal
 
@@ -164,15 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPOSITORY / "benchmarks" / "results" / "workflows_cpu")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(1)  # each forked job: one thread, --jobs of them at once
-    os.environ["OMP_NUM_THREADS"] = "1"
     for name in ("longitudinal", "atlas"):
         (args.work_dir / name).mkdir(parents=True, exist_ok=True)
     io_options = {key: value for key, value in (("io_similarity", args.long_similarity),
                   ("io_regularization", args.long_regularization), ("io_interpolation", args.long_interpolation))
                   if value is not None}
     longitudinal = atlas = None
-    with Submitter(worker="cf", cache_root=args.work_dir / "cache", n_procs=args.jobs) as submitter:
+    worker = ForkServerWorker(n_procs=args.jobs, threads=1)  # --jobs jobs at once, one thread each
+    with Submitter(worker=worker, cache_root=args.work_dir / "cache") as submitter:
         if "longitudinal" in args.parts:
             longitudinal = run_longitudinal(args.work_dir / "longitudinal", submitter, args.resolution,
                                             args.loss / 100, args.radius, args.io_iters, io_options)

@@ -6,8 +6,8 @@
     python -m benchmarks.run --learn2reg OASIS/OASIS_dataset.json --learn2reg-pairs 10 --methods rwcflow-io convexadam
 
 Missing cases are built first (:mod:`benchmarks.data`). ``--resume`` keeps the cases of an earlier
-``<out>.json`` that every method ran successfully with the same engine (git tree of ``rwcflow/``),
-threads, device and case data, and runs the other cases whole (so that the times of one case, and their
+``<out>.json`` that every method ran successfully with the same engine (the source of the rwcflow
+modules they run: :func:`benchmarks.system.engine_version`), threads, device and case data, and runs the other cases whole (so that the times of one case, and their
 ratios to ANTs SyN, come from one sitting); a long suite can be run in several sittings. Each record
 carries the date it was measured. A method that cannot run here (a peer not
 installed, no RWCNet model) is skipped with a one-line notice; one that fails or times out on a case
@@ -90,14 +90,14 @@ def run(cases: list[tuple[Case, Path]], specs: list[str], context: Context, *, t
     """Every case with every usable method; the records (time ratios added) and the skipped methods.
 
     A case is kept from ``earlier`` instead of run again when every usable method has a successful
-    record there for the same case data (digest) and ``engine`` (default :func:`engine_version`; ``None``
-    keeps nothing), which every new record carries.
+    record there for the same case data (digest) and ``engine`` (default :func:`engine_version`), which
+    every new record carries.
     ``after_case(records, skipped)`` is called after each case (to save partial results).
     """
     usable, skipped = usable_methods(specs, context, say)
     engine = engine or engine_version()
     kept = {(r["case"], r["method"], r.get("case_digest")): r for r in earlier
-            if r.get("status") == "ok" and engine is not None and r.get("engine") == engine}
+            if r.get("status") == "ok" and r.get("engine") == engine}
     records = []
     for case, case_json in cases:
         digest = case.digest()

@@ -6,6 +6,8 @@ count goes to the child through the variables that OpenMP, MKL, OpenBLAS and ITK
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
 import os
 import platform
@@ -60,17 +62,23 @@ def environment(extra_packages: list[str] | None = None) -> dict:
     }
 
 
-def engine_version() -> str | None:
-    """The git tree hash of the engine (``rwcflow/``) this checkout runs, or ``None`` when it cannot be
-    told (not a git checkout, or ``rwcflow/`` has uncommitted changes): records measured with the same
-    engine may be kept by a resumed run, others not."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(REPOSITORY), *args], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    try:
-        return None if git("status", "--porcelain", "--", "rwcflow") else git("rev-parse", "HEAD:rwcflow")
-    except (OSError, subprocess.CalledProcessError):
-        return None
+ENGINE_MODULES = ("rwcflow.register", "rwcflow.optimize", "rwcflow.checkpoint", "rwcflow.metrics",
+                  "rwcflow.transforms")
+
+
+def engine_version() -> str:
+    """The engine's version as the benchmark sees it: a SHA-256 digest over the source of every rwcflow
+    module that the benchmarked methods and the evaluation import (``ENGINE_MODULES`` and what they
+    import). Records measured with the same engine may be kept by a resumed run, others not; a change
+    elsewhere in rwcflow (workflows, the BIDS App, training) keeps them."""
+    for name in ENGINE_MODULES:
+        importlib.import_module(name)
+    digest = hashlib.sha256()
+    for name in sorted(name for name in sys.modules if name == "rwcflow" or name.startswith("rwcflow.")):
+        source = getattr(sys.modules[name], "__file__", None)
+        if source is not None:
+            digest.update(name.encode() + b"\0" + Path(source).read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def thread_environment(threads: int) -> dict[str, str]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydra.engine.submitter import Submitter
+from rwcflow.submitter import ResumingSubmitter
+from rwcflow.worker import ForkServerWorker
 
 from .spaces import TemplateChoice
 
@@ -36,32 +36,26 @@ class RunOptions:
                 "device": self.device, "longitudinal_iterations": self.longitudinal_iterations,
                 "group_iterations": self.group_iterations, "random_seed": self.seed}
 
-    def submitter(self) -> Submitter:
+    def submitter(self) -> ResumingSubmitter:
         """A Pydra submitter caching into the work folder: ``cf`` runs ``nprocs / omp_nthreads`` jobs at
-        once (forked, each with ``omp_nthreads`` threads), ``slurm`` submits each job with ``slurm_args``
-        (plus ``--cpus-per-task=omp_nthreads`` unless they set it; the jobs inherit this process's
-        environment, thread limits included). Jobs that failed in an earlier run are forgotten first,
-        so that a re-run retries them."""
+        once (:class:`~rwcflow.worker.ForkServerWorker`, each with ``omp_nthreads`` threads), ``slurm``
+        submits each job with ``slurm_args`` (plus ``--cpus-per-task=omp_nthreads`` unless they set it;
+        the jobs inherit this process's environment, thread limits included).
+
+        Re-running resumes (:class:`~rwcflow.submitter.ResumingSubmitter`): the jobs that failed, or
+        that a killed run left unfinished (a SLURM time limit, a node lost), are run again. One run at a
+        time per participant and work folder."""
         cache = self.work_dir / "pydra"
-        forget_failures(cache)
         if self.plugin == "slurm":
-            return Submitter(worker="slurm", cache_root=cache, sbatch_args=self.sbatch_args())
-        return Submitter(worker="cf", cache_root=cache, n_procs=max(1, self.nprocs // self.omp_nthreads))
+            return ResumingSubmitter(worker="slurm", cache_root=cache, sbatch_args=self.sbatch_args())
+        worker = ForkServerWorker(n_procs=max(1, self.nprocs // self.omp_nthreads), threads=self.omp_nthreads)
+        return ResumingSubmitter(worker=worker, cache_root=cache)
 
     def sbatch_args(self) -> str:
         """``slurm_args``, with ``--cpus-per-task=omp_nthreads`` added when they do not set it."""
         if re.search(r"(^|\s)(-c|--cpus-per-task)(\s|=|\d|$)", self.slurm_args):
             return self.slurm_args
         return f"{self.slurm_args} --cpus-per-task={self.omp_nthreads}".strip()
-
-
-def forget_failures(cache: Path) -> list[Path]:
-    """Remove the cache folders of failed jobs (those holding ``_error.pklz``): Pydra would otherwise
-    report a nested workflow that failed once as failed again, without running it. Finished jobs stay."""
-    failed = [job for job in cache.glob("*") if (job / "_error.pklz").exists()] if cache.is_dir() else []
-    for job in failed:
-        shutil.rmtree(job, ignore_errors=True)
-    return failed
 
 
 def limit_threads(threads: int) -> None:

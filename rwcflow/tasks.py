@@ -3,12 +3,11 @@
 Each task calls one engine step (:mod:`rwcflow.steps`, shared with the Nipype interfaces) that reads
 its input files and writes its outputs into the current folder, which Pydra makes the job's own cache
 folder; so results are cached by input content and the tasks run unchanged under any Pydra worker
-(``"cf"``, ``"slurm"``, ...). Run one with ``Submitter(worker="cf", cache_root=...)(Register(fixed=..., moving=...))``.
-
-With the ``"cf"`` worker on Linux, jobs run in forked processes: a submitting process that has
-already run multi-threaded torch code (or initialised CUDA) makes them hang or fail. Submit from a
-process that has not, call ``torch.set_num_threads(1)`` first, or use
-``multiprocessing.set_start_method("forkserver")``. ``device="auto"`` is resolved inside each job.
+(``"slurm"``, ...). Run one with
+``Submitter(worker=ForkServerWorker(), cache_root=...)(Register(fixed=..., moving=...))``
+(:class:`rwcflow.worker.ForkServerWorker`: Pydra's ``"cf"`` worker forks the submitting process, and a
+fork of a process that has run multi-threaded torch code or initialised CUDA hangs or fails).
+``device="auto"`` is resolved inside each job.
 """
 
 from __future__ import annotations

@@ -59,7 +59,8 @@ def smooth_volume() -> Callable[..., torch.Tensor]:
 
 @pytest.fixture
 def submit(tmp_path):
-    """``submit(task)``: run ``task`` through a "cf" Submitter with a cache in ``tmp_path``; its outputs."""
+    """``submit(task)``: run ``task`` through a "cf" Submitter with a cache in ``tmp_path``; its outputs.
+    (Pydra's "cf" worker forks this process, which runs torch with one thread: see rwcflow.worker.)"""
     cache = tmp_path / "cache"
 
     def run(task):

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from benchmarks.evaluate import evaluate, voxel_field
 from benchmarks.learn2reg import learn2reg_cases
 from benchmarks.methods import Context, make_method
 from benchmarks.run import earlier_records, run, with_earlier
+from benchmarks.system import engine_version
 from rwcflow import checkpoint, spatial, transforms
 from rwcflow.io import Grid, Image, load_image, save_image
 from rwcflow.models import RWCNet, RWCNetConfig
@@ -241,7 +243,7 @@ def test_resume_keeps_whole_cases_measured_with_the_same_engine_and_data(tmp_pat
     assert [(r["date"], r["metrics"]) for r in kept] == [(r["date"], r["metrics"]) for r in earlier]
 
     # a method missing, or another engine: the whole case runs again (its times from one sitting)
-    for partial, engine in ((earlier[:1], "engine-1"), (earlier, "engine-2"), (earlier, None)):
+    for partial, engine in ((earlier[:1], "engine-1"), (earlier, "engine-2")):
         again, _ = run([(case, case_json)], methods, context, timeout=300, work=work, earlier=partial,
                        engine=engine)
         out = capsys.readouterr().out
@@ -255,3 +257,13 @@ def test_resume_keeps_whole_cases_measured_with_the_same_engine_and_data(tmp_pat
     rerun, _ = run([(case, case_json)], methods, context, timeout=300, work=work, earlier=earlier, engine="engine-1")
     assert "kept from" not in capsys.readouterr().out
     assert rerun[0]["case_digest"] == case.digest() and rerun[0]["metrics"]["dice_mean"] < 1.0
+
+
+def test_engine_version_digests_the_source_of_the_registration_code(tmp_path, monkeypatch):
+    version = engine_version()
+    assert re.fullmatch(r"[0-9a-f]{64}", version) and engine_version() == version
+    # an edit of a module the methods run (here the sampling code, imported through rwcflow.register)
+    edited = tmp_path / "spatial.py"
+    edited.write_text(Path(spatial.__file__).read_text() + "# edited\n")
+    monkeypatch.setattr(spatial, "__file__", str(edited))
+    assert engine_version() != version

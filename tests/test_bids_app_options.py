@@ -1,37 +1,22 @@
-"""Run options of the BIDS App: a job that failed is retried by the next run (Pydra alone would report a
-nested workflow that failed once as failed again, without running it)."""
+"""Run options of the BIDS App: the submitter they make (jobs at once, threads per job, the cache), and
+how ``--slurm-args`` reach SLURM."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from rwcflow.bids_app.cli import build_parser
-from rwcflow.bids_app.options import RunOptions, forget_failures
+from rwcflow.bids_app.options import RunOptions
 from rwcflow.bids_app.spaces import TemplateChoice
-from rwcflow.example import make_example_pair
-from rwcflow.io import save_image
-from rwcflow.workflows.pairwise import Pairwise
+from rwcflow.submitter import ResumingSubmitter
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA for a job that fails")
-def test_a_failed_job_is_run_again_by_the_next_submission(tmp_path):
-    pair = make_example_pair(resolution_mm=8.0)
-    fixed, moving = save_image(pair.fixed, tmp_path / "f.nii.gz"), save_image(pair.moving, tmp_path / "m.nii.gz")
-    options = RunOptions(template=TemplateChoice("unbiased", None), work_dir=tmp_path / "work")
-    cache = tmp_path / "work" / "pydra"
-    # a job asking for CUDA on a CPU machine fails (as on a login node, before moving to a GPU node)
-    workflow = Pairwise(fixed=fixed, moving=moving, model="none", io_iters=0, device="cuda")
-    with options.submitter() as submitter, pytest.raises(Exception, match="CUDA was asked for"):
-        submitter(workflow, raise_errors=True)
-    failed = sorted(job for job in cache.glob("*") if (job / "_error.pklz").exists())
-    assert failed
-    everything = set(cache.glob("*"))
-    assert sorted(forget_failures(cache)) == failed
-    assert set(cache.glob("*")) == everything - set(failed)
-    # the next run runs the job again: the real error again, not a stale "failed" record
-    with options.submitter() as submitter, pytest.raises(Exception, match="CUDA was asked for"):
-        submitter(workflow, raise_errors=True)
+def test_local_jobs_run_nprocs_over_omp_nthreads_at_once_with_omp_nthreads_threads(tmp_path):
+    options = RunOptions(template=TemplateChoice("unbiased", None), work_dir=tmp_path, nprocs=8, omp_nthreads=3)
+    with options.submitter() as submitter:
+        assert isinstance(submitter, ResumingSubmitter)
+        assert submitter.cache_root == tmp_path / "pydra"
+        assert (submitter.worker.n_procs, submitter.worker.threads) == (2, 3)
 
 
 @pytest.mark.parametrize(("slurm_args", "expected"), [

@@ -148,8 +148,9 @@ def test_sbatch_recipe_job_array_then_group_matches_the_local_run(cluster, local
                     str(group): ("rwcflow-group", "COMPLETED")}, \
         "\n".join(path.read_text() for path in sorted((work / "slurm").glob("*.out")))
     assert (work / "participants.txt").read_text() == "01\n02\n"
-    logs = sorted(path.name for path in (out / "logs").glob("rwcflow-*.log"))
-    assert [name.split("-job")[1] for name in logs] == [f"{group}.log", f"{array}_1.log", f"{array}_2.log"]
+    logs = (out / "logs").glob("rwcflow-*.log")  # named by level, start time, then job: one per job
+    assert sorted(path.name.split("-job")[1] for path in logs) == sorted([f"{group}.log", f"{array}_1.log",
+                                                                          f"{array}_2.log"])
     assert _derivatives(out) == _derivatives(local)
 
 
