@@ -2,10 +2,10 @@
 
 Pydra resumes from its cache, but two things an earlier run can leave stop it: a job that failed stays
 failed (a nested workflow that failed once is reported as failed again, without being run), and a job
-that a killed run left unfinished keeps its lock file, which a re-run waits for for ever whenever the
-lock's owner cannot be proved dead (on another node after a SLURM time limit, or a zombie where nothing
-reaps orphaned processes). :class:`ResumingSubmitter` forgets the failed jobs and clears those locks, so
-that both are run again::
+that a killed run left unfinished keeps its lock files (the job's, and the one guarding the writing of
+its records), which a re-run waits for for ever whenever their owner cannot be proved dead (on another
+node after a SLURM time limit, or a zombie where nothing reaps orphaned processes).
+:class:`ResumingSubmitter` forgets the failed jobs and clears those locks, so that both are run again::
 
     with ResumingSubmitter(worker=ForkServerWorker(), cache_root="cache") as submitter:
         outputs = submitter(task).outputs
@@ -17,6 +17,7 @@ the same jobs again.
 from __future__ import annotations
 
 import shutil
+from datetime import datetime
 from pathlib import Path
 
 from pydra.engine.submitter import Submitter
@@ -24,17 +25,32 @@ from pydra.engine.submitter import Submitter
 
 class ResumingSubmitter(Submitter):
     """Pydra's :class:`~pydra.engine.submitter.Submitter` (same arguments) that forgets the failed jobs
-    in its cache when created and clears the locks an earlier run left: those of the jobs inside the
-    submitted workflows (Pydra's ``clean_stale_locks``) and the submitted job's own."""
+    in its cache when created, and clears the locks that predate the run of the submitted job and of
+    every job of the submitted workflows as they become ready to run."""
 
     def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, clean_stale_locks=True, **kwargs)
+        super().__init__(*args, **kwargs)
         forget_failures(self.cache_root)
 
     def __call__(self, task, *args, **kwargs):
         if not task._splitter:  # a split task runs inside a workflow of Pydra's, whose jobs are cleared
-            (self.cache_root / task._checksum).with_suffix(".lock").unlink(missing_ok=True)
+            _clear_locks(self.cache_root / task._checksum, datetime.now())
         return super().__call__(task, *args, **kwargs)
+
+    def _check_locks(self, tasks: list) -> None:
+        """Pydra's hook on the jobs ready to run (its own clears their job locks only)."""
+        for job in tasks:
+            _clear_locks(job.cache_dir, self.run_start_time)
+
+
+def _clear_locks(job: Path, before: datetime) -> None:
+    """Remove the lock files of the job folder ``job`` last written before ``before``."""
+    for lock in (job.with_suffix(".lock"), job.parent / f"{job.name}_save.lock"):
+        try:
+            if lock.stat().st_mtime < before.timestamp():
+                lock.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def forget_failures(cache: Path) -> list[Path]:

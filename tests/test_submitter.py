@@ -50,14 +50,15 @@ def test_every_job_left_locked_by_a_run_killed_on_another_node_is_run_again(pair
     workflow = Pairwise(fixed=fixed, moving=moving, model="none", io_iters=5, device="cpu")
     with _submitter(cache) as submitter:
         first = submitter(workflow, raise_errors=True).outputs
-    # as a run killed on a node that is gone leaves them: every job locked, none finished; each lock
-    # records its owner (PID, host), which cannot be proved dead from here
+    # as a run killed on a node that is gone leaves them: every job locked, and so is the writing of its
+    # records, none finished; each lock records its owner (PID, host), which cannot be proved dead here
     jobs = [job for job in cache.glob("*") if (job / "_result.pklz").exists()]
     assert any(job.name.startswith("workflow-") for job in jobs) and any(job.name.startswith("python-")
                                                                           for job in jobs)
     for job in jobs:
         (job / "_result.pklz").unlink()
-        job.with_suffix(".lock").write_text("4242\nnode-that-is-gone\n1\n")
+        for lock in (job.with_suffix(".lock"), job.parent / f"{job.name}_save.lock"):
+            lock.write_text("4242\nnode-that-is-gone\n1\n")
     with _submitter(cache) as submitter:
         again = submitter(workflow, raise_errors=True).outputs
     assert all((job / "_result.pklz").exists() for job in jobs)
