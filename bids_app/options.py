@@ -59,7 +59,7 @@ class RunOptions:
 
 
 def limit_threads(threads: int) -> None:
-    """Threads of this process and of the jobs it forks (torch and the OpenMP/BLAS libraries)."""
+    """Threads of this process and of the jobs it starts (torch and the OpenMP/BLAS libraries)."""
     import torch
 
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):

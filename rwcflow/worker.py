@@ -63,6 +63,7 @@ class ForkServerWorker(ConcurrentFuturesWorker):
         records = context.Queue()
         self._log_listener = logging.handlers.QueueListener(records, _Relay())
         self._log_listener.start()
+        self.pool.shutdown()  # Pydra's forking pool, never used: it starts its processes with a first job
         self.pool = ProcessPoolExecutor(self.n_procs, mp_context=context, initializer=_start_job_process,
                                         initargs=(self.threads, records, _logger_levels()))
 
