@@ -7,8 +7,8 @@
 
 Missing cases are built first (:mod:`benchmarks.data`). ``--resume`` keeps the cases of an earlier
 ``<out>.json`` that every method ran successfully with the same engine (the source of the rwcflow
-modules they run: :func:`benchmarks.system.engine_version`), threads, device and case data, and runs the other cases whole (so that the times of one case, and their
-ratios to ANTs SyN, come from one sitting); a long suite can be run in several sittings. Each record
+modules they run: :func:`benchmarks.system.engine_version`), threads, device and case data, and runs the
+other cases whole (so that the times of one case, and their ratios to ANTs SyN, come from one sitting); a long suite can be run in several sittings. Each record
 carries the date it was measured. A method that cannot run here (a peer not
 installed, no RWCNet model) is skipped with a one-line notice; one that fails or times out on a case
 is reported as such in the table. Prints a Markdown table per case and writes ``<out>.json``,
