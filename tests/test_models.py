@@ -13,6 +13,7 @@ from rwcflow.losses import diffusion_loss, mse_loss
 from rwcflow.models import (
     ConvGRU,
     Encoder,
+    FeatureEncoder,
     RWCNet,
     RWCNetConfig,
     StageConfig,
@@ -104,6 +105,19 @@ def test_encoder_accepts_any_grid_size():
     config = RWCNetConfig.tiny(encoder_blocks_down=(1, 1, 1), encoder_blocks_up=(1, 1))
     encoder = Encoder(2, 5, config)
     assert encoder(torch.rand(2, 2, 7, 9, 6)).shape == (2, 5, 7, 9, 6)
+
+
+def test_feature_dropout_drops_the_same_channels_of_fixed_and_moving():
+    config = RWCNetConfig.tiny(dropout=0.5)
+    torch.manual_seed(0)
+    encoder = FeatureEncoder(config).train()
+    image = torch.rand(2, 1, 8, 8, 8)
+    fixed_features, moving_features = encoder(image, image)
+    assert torch.equal(fixed_features, moving_features)
+    dropped = [encoder(image, image)[0] for _ in range(2)]
+    assert not torch.equal(dropped[0], dropped[1])  # dropout is active, yet the pair stays comparable
+    encoder.eval()
+    assert torch.equal(*encoder(image, image)) and torch.equal(encoder(image, image)[0], encoder(image, image)[0])
 
 
 def test_correlation_of_identical_features_is_zero_at_zero_offset():

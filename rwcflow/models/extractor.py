@@ -40,11 +40,35 @@ class Encoder(nn.Module):
         return self.net(x)[..., : shape[0], : shape[1], : shape[2]]
 
 
+class PairedChannelDropout(nn.Module):
+    """Channel dropout for a batch ``cat([fixed, moving])``: both images of a pair lose the same channels.
+
+    Independent masks (as ``nn.Dropout3d`` in the reference) would make the fixed and moving features
+    two different random functions while training, and their cost volume a comparison of unlike things.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = x.new_empty((x.shape[0] // 2, x.shape[1], *[1] * (x.dim() - 2))).bernoulli_(1 - self.p) / (1 - self.p)
+        return x * torch.cat([keep, keep])
+
+
 class FeatureEncoder(Encoder):
-    """Features of one image ``(B, 1, X, Y, Z)``: ``(B, feature_channels, X, Y, Z)``, with the config's dropout."""
+    """Features ``(B, feature_channels, X, Y, Z)`` of a fixed and a moving image ``(B, 1, X, Y, Z)``,
+    encoded as one batch, with the config's dropout shared by the two."""
 
     def __init__(self, config: RWCNetConfig):
         super().__init__(1, config.feature_channels, config, dropout=config.dropout)
+        if config.dropout:
+            self.net.dropout = PairedChannelDropout(config.dropout)
+
+    def forward(self, fixed: Tensor, moving: Tensor) -> tuple[Tensor, Tensor]:
+        return super().forward(torch.cat([fixed, moving])).chunk(2)
 
 
 class ContextEncoder(Encoder):

@@ -119,8 +119,7 @@ class Stage(nn.Module):
         velocity if diffeomorphic) and the final hidden state.
         """
         hidden = self.initial_hidden(field, warped_moving, previous_hidden)
-        fixed_features = self.features(fixed)
-        moving_features = self.features(warped_moving)
+        fixed_features, moving_features = self.features(fixed, warped_moving)
         flow = torch.zeros_like(field)
         flows = []
         for _ in range(self.iterations):
