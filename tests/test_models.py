@@ -14,6 +14,7 @@ from rwcflow.models import (
     ConvGRU,
     Encoder,
     FeatureEncoder,
+    MotionEncoder,
     RWCNet,
     RWCNetConfig,
     StageConfig,
@@ -24,6 +25,7 @@ from rwcflow.models import (
     resize_region,
     run_patched,
     search_offsets,
+    standardize_costs,
 )
 
 
@@ -149,6 +151,28 @@ def test_correlation_minimum_is_at_the_displacement():
     best = search_offsets(2).index(shift)
     assert (cost.argmin(dim=1) == best).all()
     assert cost[:, best].abs().max() < 1e-6
+
+
+def test_standardized_costs_keep_the_ranking_and_ignore_the_features_scale():
+    torch.manual_seed(0)
+    fixed, moving = torch.rand(1, 4, 6, 7, 5), torch.rand(1, 4, 6, 7, 5)
+    cost = correlation(fixed, moving, radius=1)
+    standard = standardize_costs(cost, eps=0.0)
+    torch.testing.assert_close(standard.mean(dim=1), torch.zeros(1, 6, 7, 5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(standard.pow(2).mean(dim=1), torch.ones(1, 6, 7, 5))
+    assert torch.equal(standard.argmin(dim=1), cost.argmin(dim=1))
+    scaled = standardize_costs(correlation(3 * fixed + 1, 3 * moving + 1, radius=1), eps=0.0)
+    torch.testing.assert_close(scaled, standard, atol=1e-4, rtol=1e-4)
+    assert torch.equal(standardize_costs(torch.full((1, 27, 2, 2, 2), 0.3)), torch.zeros(1, 27, 2, 2, 2))
+
+
+def test_motion_encoder_reads_standardized_or_raw_costs():
+    torch.manual_seed(0)
+    fixed, moving = torch.rand(1, 4, 6, 7, 5), torch.rand(1, 4, 6, 7, 5)
+    raw = MotionEncoder(4, 8, radius=1, standardize=False).compare(fixed, moving)
+    assert torch.equal(raw, correlation(fixed, moving, 1))
+    assert torch.equal(MotionEncoder(4, 8, radius=1).compare(fixed, moving), standardize_costs(raw))
+    assert not RWCNet(RWCNetConfig.tiny(standardize_costs=False)).stages[0].update.encoder.standardize
 
 
 def test_correlation_gradient_is_exact():

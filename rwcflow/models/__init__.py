@@ -2,7 +2,7 @@
 patch processing and the stage-wise model."""
 
 from rwcflow.models.config import PAPER_STAGES, RWCNetConfig, StageConfig
-from rwcflow.models.corr import correlation, search_offsets
+from rwcflow.models.corr import correlation, search_offsets, standardize_costs
 from rwcflow.models.extractor import ContextEncoder, Encoder, FeatureEncoder
 from rwcflow.models.patches import axis_patches, patch_regions, run_patched
 from rwcflow.models.rwcnet import RWCNet, RWCNetOutput, Stage, StageOutput, resize, resize_region, stage_shape
@@ -31,4 +31,5 @@ __all__ = [
     "run_patched",
     "search_offsets",
     "stage_shape",
+    "standardize_costs",
 ]

@@ -50,7 +50,9 @@ class RWCNetConfig:
 
     ``encoder_*`` set MONAI ``SegResNet``'s width (``init_filters``, a multiple of 8 for its group norm)
     and depth (residual blocks per level going down and up; ``len(up) == len(down) - 1``).
-    ``dropout`` applies in the feature encoder. ``patch_overlap`` is the fraction of a patch shared with
+    ``dropout`` applies in the feature encoder. ``standardize_costs`` standardises each voxel's costs over
+    the search offsets before the motion encoder reads them (``False``: the reference's raw costs, which
+    a network learns to read far more slowly). ``patch_overlap`` is the fraction of a patch shared with
     each neighbour. ``integration_steps`` is the number of squarings when ``diffeomorphic``.
     ``input_spacing_mm``: the voxel size (mm) of the images the network was trained on;
     :func:`rwcflow.register.register` runs it on a grid of that voxel size (``None``: on the fixed
@@ -68,6 +70,7 @@ class RWCNetConfig:
     encoder_blocks_up: tuple[int, ...] = (1, 1, 1)
     patch_overlap: float = 0.25
     use_correlation: bool = True
+    standardize_costs: bool = True
     diffeomorphic: bool = False
     integration_steps: int = 7
     input_spacing_mm: float | None = None

@@ -67,6 +67,16 @@ class _CostVolume(torch.autograd.Function):
         return grad_fixed, grad_padded, None
 
 
+def standardize_costs(cost: Tensor, eps: float = 1e-3) -> Tensor:
+    """Each voxel's costs over the search offsets shifted to mean 0 and scaled to standard deviation 1.
+
+    The raw costs share a large common part (the features' mean difference) with small differences
+    between offsets, which a network learns to read only slowly; standardised, the matching signal is
+    all that is left, whatever the features' scale. ``eps`` keeps flat (featureless) voxels near 0.
+    """
+    return (cost - cost.mean(dim=1, keepdim=True)) / (cost.std(dim=1, keepdim=True, correction=0) + eps)
+
+
 def correlation(fixed_features: Tensor, moving_features: Tensor, radius: int) -> Tensor:
     """Cost volume ``(B, (2r+1)^3, X, Y, Z)`` between features ``(B, C, X, Y, Z)`` on one grid.
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from rwcflow.models.config import RWCNetConfig
-from rwcflow.models.corr import correlation
+from rwcflow.models.corr import correlation, standardize_costs
 
 Tensor = torch.Tensor
 
@@ -18,14 +18,16 @@ def _conv(in_channels: int, out_channels: int, kernel_size: int) -> nn.Conv3d:
 class MotionEncoder(nn.Module):
     """Compares fixed and warped moving features and encodes the comparison together with the current flow.
 
-    The comparison is the cost volume of search ``radius`` or, with ``radius=None`` (the no-correlation
-    ablation), the two feature maps side by side. It is built and reduced here, so the large cost
-    volume is freed before the GRU runs. Returns ``out_channels`` channels, the last three the flow.
+    The comparison is the cost volume of search ``radius`` (per voxel standardised over the offsets if
+    ``standardize``) or, with ``radius=None`` (the no-correlation ablation), the two feature maps side by
+    side. It is built and reduced here, so the large cost volume is freed before the GRU runs. Returns
+    ``out_channels`` channels, the last three the flow.
     """
 
-    def __init__(self, feature_channels: int, out_channels: int, radius: int | None):
+    def __init__(self, feature_channels: int, out_channels: int, radius: int | None, standardize: bool = True):
         super().__init__()
         self.radius = radius
+        self.standardize = standardize
         match_channels = 2 * feature_channels if radius is None else (2 * radius + 1) ** 3
         half = out_channels // 2
         self.match = nn.Sequential(_conv(match_channels, half, 1), nn.ReLU(), _conv(half, half, 3), nn.ReLU())
@@ -36,7 +38,8 @@ class MotionEncoder(nn.Module):
         """The matching signal: cost volume, or the concatenated features."""
         if self.radius is None:
             return torch.cat([fixed_features, moving_features], dim=1)
-        return correlation(fixed_features, moving_features, self.radius)
+        cost = correlation(fixed_features, moving_features, self.radius)
+        return standardize_costs(cost) if self.standardize else cost
 
     def forward(self, fixed_features: Tensor, moving_features: Tensor, flow: Tensor) -> Tensor:
         match = self.match(self.compare(fixed_features, moving_features))
@@ -88,7 +91,7 @@ class UpdateBlock(nn.Module):
 
     def __init__(self, config: RWCNetConfig, radius: int | None):
         super().__init__()
-        self.encoder = MotionEncoder(config.feature_channels, config.motion_channels, radius)
+        self.encoder = MotionEncoder(config.feature_channels, config.motion_channels, radius, config.standardize_costs)
         self.gru = ConvGRU(config.hidden_channels, config.motion_channels + config.feature_channels)
         self.flow_head = FlowHead(config.hidden_channels, config.flow_head_channels)
 
