@@ -74,7 +74,9 @@ class LossWeights:
 class TrainConfig:
     """One training run; saved as ``config.json`` in the run folder and inside every model file.
 
-    ``model``: the network; ``data``: the training pairs (:func:`rwcflow.datasets.make_source`) and
+    ``model``: the network; ``data``: the training pairs (:func:`rwcflow.datasets.make_source`; default
+    synthetic pairs at 2 mm with displacements up to 16 voxels, so that the quarter-resolution first stage
+    sees whole voxels of motion) and
     ``validation_data`` the validation pairs' source (default: ``data``'s own validation pairs);
     ``steps``: training steps per stage; ``learning_rate`` with a ``"constant"`` or ``"cosine"``
     schedule; ``similarity``: ``"mse"`` or ``"ncc"`` (window ``ncc_window`` voxels);
@@ -87,7 +89,7 @@ class TrainConfig:
     """
 
     model: RWCNetConfig = field(default_factory=RWCNetConfig)
-    data: dict = field(default_factory=lambda: {"kind": "synthetic"})
+    data: dict = field(default_factory=lambda: {"kind": "synthetic", "options": {"max_displacement": 16.0}})
     validation_data: dict | None = None
     steps: tuple[int, ...] = (2000, 2000, 1000)
     learning_rate: float = 3e-4
@@ -606,16 +608,19 @@ CPU_NETWORK = RWCNetConfig.tiny(
 #: A recipe that trains :data:`CPU_NETWORK` in about an hour on two CPU cores (``rwcflow-train
 #: --print-config cpu``): synthetic pairs from the offline fsaverage and deepmriprep anatomies at 2 mm
 #: (MNI152 held out for validation), the paper's losses plus the endpoint error to the known field, Adam
-#: with a cosine-decayed rate, two pairs per step, no dropout. Its 740 steps were too few for the network
-#: to learn a field (benchmarks/results/model_cpu.md): train on a GPU, for thousands of steps.
+#: with a cosine-decayed rate, two pairs per step, no dropout. Displacements reach 16 voxels (32 mm), so
+#: that the 8 mm grid of the first stage sees whole voxels of motion: with at most 6 its cost volume held
+#: almost nothing to learn from and the stage shut its output off (benchmarks/results/model_cpu.md);
+#: with 16 its validation endpoint error falls within 300 steps. An hour of CPU is still far too little
+#: for a useful network: train on a GPU.
 CPU_RECIPE = TrainConfig(
     model=CPU_NETWORK,
     data={"kind": "synthetic", "resolution_mm": 2.0, "validation_pairs": 0,
           "anatomies": ["fsaverage", "deepmriprep-ibsr", "deepmriprep-lpba40", "deepmriprep-hammers",
                         "deepmriprep-neuromorphometrics"],
-          "options": {"max_displacement": 6.0, "anatomy_displacement": 2.0, "real_intensity": 0.8}},
+          "options": {"max_displacement": 16.0, "anatomy_displacement": 2.0, "real_intensity": 0.8}},
     validation_data={"kind": "synthetic", "anatomies": ["mni152"], "resolution_mm": 2.0, "validation_pairs": 2,
-                     "options": {"max_displacement": 6.0, "anatomy_displacement": 2.0, "real_intensity": 1.0}},
+                     "options": {"max_displacement": 16.0, "anatomy_displacement": 2.0, "real_intensity": 1.0}},
     steps=(400, 220, 120),
     learning_rate=2e-3,
     lr_schedule="cosine",
