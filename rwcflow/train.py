@@ -610,9 +610,9 @@ CPU_NETWORK = RWCNetConfig.tiny(
 #: (MNI152 held out for validation), the paper's losses plus the endpoint error to the known field, Adam
 #: with a cosine-decayed rate, two pairs per step, no dropout. Displacements reach 16 voxels (32 mm), so
 #: that the 8 mm grid of the first stage sees whole voxels of motion: with at most 6 its cost volume held
-#: almost nothing to learn from and the stage shut its output off (benchmarks/results/model_cpu.md);
-#: with 16 its validation endpoint error falls within 300 steps. An hour of CPU is still far too little
-#: for a useful network: train on a GPU.
+#: almost nothing to learn from and the network left every image where the affine put it
+#: (benchmarks/results/model_cpu_displacement6.md). With 16 it learns to move them, still far less well
+#: than instance optimisation (model_cpu.md): an hour of CPU is too little, train on a GPU.
 CPU_RECIPE = TrainConfig(
     model=CPU_NETWORK,
     data={"kind": "synthetic", "resolution_mm": 2.0, "validation_pairs": 0,
