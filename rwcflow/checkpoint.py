@@ -23,7 +23,10 @@ from rwcflow.io import atomic_write
 from rwcflow.models import RWCNet, RWCNetConfig
 
 FORMAT = "rwcflow-model"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+#: Config values that files of an earlier format version imply when they lack the key: version 1
+#: networks read raw costs (``standardize_costs`` came with version 2).
+EARLIER_DEFAULTS = {"1": {"standardize_costs": False}}
 DEFAULT_MODEL = "default.safetensors"
 
 log = logging.getLogger(__name__)
@@ -54,14 +57,16 @@ def read_metadata(path: str | os.PathLike) -> dict:
         raise ModelFileError(path, f"not a readable safetensors model file ({exc})") from None
     if metadata.get("format") != FORMAT:
         raise ModelFileError(path, "not an rwcflow model file (no 'format: rwcflow-model' metadata)")
-    if metadata.get("format_version") != FORMAT_VERSION:
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION and version not in EARLIER_DEFAULTS:
         raise ModelFileError(
-            path, f"model format version {metadata.get('format_version')!r} is not supported "
-            f"(this rwcflow reads version {FORMAT_VERSION})"
+            path, f"model format version {version!r} is not supported "
+            f"(this rwcflow reads versions {', '.join([*EARLIER_DEFAULTS, FORMAT_VERSION])})"
         )
     try:
-        return {"config": json.loads(metadata["config"]), "provenance": json.loads(metadata.get("provenance", "{}"))}
-    except (KeyError, json.JSONDecodeError) as exc:
+        config = {**EARLIER_DEFAULTS.get(version, {}), **json.loads(metadata["config"])}
+        return {"config": config, "provenance": json.loads(metadata.get("provenance", "{}"))}
+    except (KeyError, json.JSONDecodeError, TypeError) as exc:
         raise ModelFileError(path, f"model metadata is damaged ({exc})") from None
 
 

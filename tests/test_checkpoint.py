@@ -40,6 +40,17 @@ def test_metadata_records_format_and_config(tmp_path, tiny_model):
     assert RWCNetConfig.from_dict(metadata["config"]) == tiny_model.config
 
 
+def test_version_1_files_load_as_networks_reading_raw_costs(tmp_path, tiny_model):
+    config = tiny_model.config.to_dict()
+    del config["standardize_costs"]
+    path = _write_safetensors(tmp_path / "v1.safetensors", tiny_model.state_dict(),
+                              {"format": "rwcflow-model", "format_version": "1", "config": json.dumps(config)})
+    loaded = checkpoint.load_model(path)
+    assert loaded.config.standardize_costs is False
+    assert not loaded.stages[0].update.encoder.standardize
+    assert checkpoint.load_model(checkpoint.save_model(tiny_model, tmp_path / "v2.safetensors")).config.standardize_costs
+
+
 def _write_safetensors(path, tensors, metadata):
     save_file(tensors, str(path), metadata=metadata)
     return path
