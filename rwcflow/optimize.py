@@ -125,20 +125,6 @@ def _pool(volume: Tensor, stride: int) -> Tensor:
     return F.avg_pool3d(volume, 2 * radius + 1, stride=stride, padding=radius, count_include_pad=False)
 
 
-def _smooth(volume: Tensor, passes: int, weights: tuple[float, float, float] | None = None) -> Tensor:
-    """``passes`` separable 3-voxel filters along each axis (a box, or ``weights``), replicated borders."""
-    for _ in range(passes):
-        for dim in (2, 3, 4):
-            n = volume.shape[dim]
-            padded = torch.cat([volume.narrow(dim, 0, 1), volume, volume.narrow(dim, n - 1, 1)], dim)
-            left, centre, right = (padded.narrow(dim, k, n) for k in range(3))
-            if weights is None:
-                volume = (left + centre + right) / 3
-            else:
-                volume = weights[0] * left + weights[1] * centre + weights[2] * right
-    return volume
-
-
 # The cubic B-spline's values at whole voxels: what sampling through it does to an image at voxel centres.
 _BSPLINE_AT_VOXELS = (1 / 6, 4 / 6, 1 / 6)
 
@@ -201,7 +187,7 @@ def _levels(
         )
         cut = {key: v if v is None or key.startswith("moving") else v[(..., *box)] for key, v in volumes.items()}
         if bspline:
-            cut["fixed"] = _smooth(volumes["fixed"], 1, _BSPLINE_AT_VOXELS)[(..., *box)]
+            cut["fixed"] = spatial.box_smooth(volumes["fixed"], 1, _BSPLINE_AT_VOXELS)[(..., *box)]
         origin = torch.tensor([b.start for b in box], dtype=spacing.dtype, device=spacing.device)
         grid = spatial.identity_grid(cut["fixed"].shape[2:], device=spacing.device) + origin.view(1, 3, 1, 1, 1)
         level_points = (None, None) if points is None else tuple(p / stride - origin for p in points)
@@ -247,7 +233,7 @@ def _optimise_level(
     # Adam steps by about the learning rate even where the gradient is rounding noise: decay it.
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(options.iterations, 1))
     for _ in range(options.iterations):
-        correction = _smooth(parameter, options.smoothing)
+        correction = spatial.box_smooth(parameter, options.smoothing)
         field = _combine(correction, init, options.diffeomorphic)
         # The diffusion term smooths the whole field, or the velocity of a diffeomorphic correction.
         loss = _loss(field, correction if options.diffeomorphic else field, level, options)
@@ -256,7 +242,7 @@ def _optimise_level(
         optimizer.step()
         schedule.step()
         step(loss)
-    return _smooth(parameter.detach(), options.smoothing)
+    return spatial.box_smooth(parameter.detach(), options.smoothing)
 
 
 def _expand(correction: Tensor, level: _Level, shape: Sequence[int]) -> Tensor:

@@ -99,6 +99,21 @@ def resize_field(field: Tensor, shape: Sequence[int]) -> Tensor:
     return resized * torch.tensor(scale, device=field.device, dtype=field.dtype).view(1, 3, 1, 1, 1)
 
 
+def box_smooth(volume: Tensor, passes: int, weights: tuple[float, float, float] | None = None) -> Tensor:
+    """``passes`` separable 3-voxel filters along each spatial axis of ``(B, C, X, Y, Z)``: a box, or
+    ``weights`` (left, centre, right); borders replicated."""
+    for _ in range(passes):
+        for dim in (2, 3, 4):
+            n = volume.shape[dim]
+            padded = torch.cat([volume.narrow(dim, 0, 1), volume, volume.narrow(dim, n - 1, 1)], dim)
+            left, centre, right = (padded.narrow(dim, k, n) for k in range(3))
+            if weights is None:
+                volume = (left + centre + right) / 3
+            else:
+                volume = weights[0] * left + weights[1] * centre + weights[2] * right
+    return volume
+
+
 def integrate_velocity(velocity: Tensor, steps: int = 7) -> Tensor:
     """Scaling and squaring: the displacement of the flow of a stationary velocity field after unit time."""
     field = velocity / (2**steps)

@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from rwcflow import maps, templates, transforms
+from rwcflow.errors import InputError
+from rwcflow.groupwise import GroupwiseRefinement, refine_groupwise
 from rwcflow.io import Image, load_image, save_image
 from rwcflow.optimize import InstanceOptimization
-from rwcflow.register import register
+from rwcflow.register import register, resolve_device
 
 log = logging.getLogger("rwcflow")
 
@@ -172,3 +174,30 @@ def single_session(session: PathLike, out_dir: PathLike) -> tuple[Path, Path, Pa
     xfm = transforms.write_displacement_field(Path(out_dir) / output_name(session, "xfm"), identity, image.grid)
     return (save_image(image, Path(out_dir) / "template.nii.gz"), xfm,
             save_image(image, Path(out_dir) / output_name(session, "warped")))
+
+
+def groupwise_refine_files(sessions: Sequence[PathLike], xfms: Sequence[PathLike], out_dir: PathLike, *,
+                           iterations: int = 200, regularization: float = 0.01,
+                           device: str = "auto") -> tuple[Path, list[Path], list[Path]]:
+    """Refine the template→session fields ``xfms`` (ITK, on the template's grid) of ``sessions`` jointly
+    (:func:`rwcflow.groupwise.refine_groupwise`): ``template.nii.gz`` (the mean of the resampled
+    sessions), and per session ``<session>_xfm.nii.gz`` and ``<session>_warped.nii.gz``."""
+    fields = [transforms.read_displacement_field(xfm) for xfm in xfms]
+    grid = fields[0][1]
+    for xfm, (_, field_grid) in zip(xfms, fields):
+        if field_grid != grid:
+            raise InputError(xfm, f"not on the grid of {Path(xfms[0]).name}: the fields must share the template's grid")
+    displacements = [disp for disp, _ in fields]
+    name, start = f"groupwise refinement of {len(sessions)} sessions", time.perf_counter()
+    refined, warped, template = refine_groupwise(
+        [load_image(session) for session in sessions], displacements, grid,
+        GroupwiseRefinement(iterations=iterations, regularization=regularization),
+        device=resolve_device(device),
+        progress=lambda done, total, loss: log.debug("%s: step %d/%d, loss %.4g", name, done, total, loss))
+    log.info("%s: done in %.1f s", name, time.perf_counter() - start)
+    out_dir = Path(out_dir)
+    xfm_paths = [transforms.write_displacement_field(out_dir / output_name(session, "xfm"), disp, grid)
+                 for session, disp in zip(sessions, refined)]
+    warped_paths = [save_image(image, out_dir / output_name(session, "warped"))
+                    for session, image in zip(sessions, warped)]
+    return save_image(template, out_dir / "template.nii.gz"), xfm_paths, warped_paths

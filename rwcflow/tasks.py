@@ -142,6 +142,19 @@ def ShapeUpdate(average: File, average_xfm: File, gradient_step: float = 0.25, r
 
 
 @python.define(outputs={"template": File, "xfms": list[File], "warped": list[File]})
+def GroupwiseRefine(sessions: list[File], xfms: list[File], iterations: int = 200, regularization: float = 0.01,
+                    device: str = "auto") -> tuple[File, list[File], list[File]]:
+    """Refine the template→session fields ``xfms`` (ITK, one per session, on the template's grid) of
+    ``sessions`` jointly, every session resampled alike and compared with the others
+    (:func:`rwcflow.groupwise.refine_groupwise`), so that sub-voxel changes are not biased towards the
+    template: the ``template`` (mean of the resampled sessions), refined ``xfms`` and ``warped`` sessions,
+    each named after its session. ``iterations`` Adam steps, ``regularization`` the diffusion weight."""
+    template, refined, warped = steps.groupwise_refine_files(sessions, xfms, Path.cwd(), iterations=iterations,
+                                                            regularization=regularization, device=device)
+    return template, refined, warped
+
+
+@python.define(outputs={"template": File, "xfms": list[File], "warped": list[File]})
 def SingleSession(session: File) -> tuple[File, list[File], list[File]]:
     """Pass-through for a participant with one session: the template is the session itself (copied), its
     transform the identity (a zero displacement field on the session's grid), its warped image a copy."""

@@ -281,3 +281,15 @@ def test_affine_field_of_a_rotation_matches_rotated_coordinates():
         assert np.allclose(field[batch].permute(1, 2, 3, 0).numpy() + points, rotated, atol=1e-9)
     single = spatial.affine_field(torch.tensor(matrices[1], dtype=torch.float64), shape)
     assert torch.allclose(single, field[1:])
+
+
+def test_box_smooth_keeps_linear_ramps_inside_and_averages_neighbours():
+    ramp = spatial.identity_grid((9, 8, 7))  # three linear ramps, one per channel
+    smoothed = spatial.box_smooth(ramp, passes=2)
+    torch.testing.assert_close(smoothed[..., 2:-2, 2:-2, 2:-2], ramp[..., 2:-2, 2:-2, 2:-2])
+    spike = torch.zeros(1, 1, 5, 5, 5)
+    spike[0, 0, 2, 2, 2] = 1.0
+    weighted = spatial.box_smooth(spike, passes=1, weights=(0.25, 0.5, 0.25))
+    assert weighted[0, 0, 2, 2, 2].item() == pytest.approx(0.125)
+    assert weighted[0, 0, 1, 2, 2].item() == pytest.approx(0.0625)
+    assert weighted.sum().item() == pytest.approx(1.0)

@@ -1,14 +1,19 @@
-"""Pydra tasks on displacement fields (compose, invert, average) and label propagation, submitted for
-real with the "cf" worker; analytic answers on small oblique, anisotropic grids."""
+"""Pydra tasks on displacement fields (compose, invert, average, groupwise refinement) and label propagation,
+submitted for real with the "cf" worker; analytic answers on small oblique, anisotropic grids."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
+import pytest
+from scipy import ndimage
 
-from rwcflow import transforms
+from rwcflow import steps, transforms
+from rwcflow.errors import InputError
 from rwcflow.io import Grid, Image, load_image, save_image
-from rwcflow.tasks import AverageFields, ComposeTransforms, InvertTransform, LabelPropagation
+from rwcflow.tasks import AverageFields, ComposeTransforms, GroupwiseRefine, InvertTransform, LabelPropagation
 
 from grids import oblique_grid
 
@@ -116,3 +121,35 @@ def test_label_propagation_by_whole_voxels(tmp_path, submit):
     expected = np.zeros_like(labels)
     expected[:-2, 1:, :-1] = labels[2:, :-1, 1:]
     np.testing.assert_array_equal(warped, expected)
+
+
+def test_groupwise_refine_keeps_a_known_translation_and_names_outputs_after_sessions(tmp_path, submit):
+    """Session 2 is session 1's voxels on a grid shifted 4 mm along x; fields: zero for session 1, the
+    translation for session 2. The refined fields still differ by it and both sessions land on the template."""
+    data = ndimage.gaussian_filter(np.random.default_rng(3).random((24, 24, 24)), 1.5).astype(np.float32)
+    first = Image(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    shifted = first.affine.copy()
+    shifted[0, 3] = 4.0
+    sessions = [save_image(first, tmp_path / "ses-1_T1w.nii.gz"),
+                save_image(Image(data, shifted), tmp_path / "ses-2_T1w.nii.gz")]
+    shift = np.broadcast_to([4.0, 0.0, 0.0], (24, 24, 24, 3))
+    xfms = [transforms.write_displacement_field(tmp_path / name, disp, first.grid)
+            for name, disp in (("a_xfm.nii.gz", 0 * shift), ("b_xfm.nii.gz", shift))]
+    out = submit(GroupwiseRefine(sessions=sessions, xfms=xfms, iterations=20, device="cpu"))
+    assert [Path(p).name for p in out.xfms] == ["ses-1_T1w_xfm.nii.gz", "ses-2_T1w_xfm.nii.gz"]
+    assert [Path(p).name for p in out.warped] == ["ses-1_T1w_warped.nii.gz", "ses-2_T1w_warped.nii.gz"]
+    refined = [transforms.read_displacement_field(path)[0] for path in out.xfms]
+    np.testing.assert_allclose((refined[1] - refined[0])[4:-4, 4:-4, 4:-4], shift[4:-4, 4:-4, 4:-4], atol=0.01)
+    template, warped = load_image(out.template), [load_image(path).data for path in out.warped]
+    np.testing.assert_allclose(template.data, (warped[0] + warped[1]) / 2, atol=1e-6)
+    np.testing.assert_allclose(warped[0][4:-4, 4:-4, 4:-4], warped[1][4:-4, 4:-4, 4:-4], atol=1e-3)
+
+
+def test_groupwise_refine_refuses_fields_on_different_grids(tmp_path):
+    image = Image(np.ones((8, 8, 8), np.float32), np.eye(4))
+    session = save_image(image, tmp_path / "ses-1_T1w.nii.gz")
+    xfms = [transforms.write_displacement_field(tmp_path / "a_xfm.nii.gz", np.zeros((8, 8, 8, 3)), image.grid),
+            transforms.write_displacement_field(tmp_path / "b_xfm.nii.gz", np.zeros((9, 8, 8, 3)),
+                                                Grid((9, 8, 8), np.eye(4)))]
+    with pytest.raises(InputError, match="b_xfm.nii.gz: not on the grid of a_xfm.nii.gz"):
+        steps.groupwise_refine_files([session, session], xfms, tmp_path)

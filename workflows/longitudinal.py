@@ -4,7 +4,9 @@ each session's transforms and volume-change (Jacobian) maps in template space.
 The template is the :func:`~rwcflow.workflows.atlas.Atlas` of the sessions (iterative groupwise
 registration, as ANTs' template construction does, so that no session is privileged), with the mean
 shape removed in one step of ``step`` per update (``T(p) <- mean_i warped_i(p - step * mean_i u_i(p))``).
-Its final registrations give the outputs, with their inverses and Jacobian maps. Given a group template,
+Its final registrations are then refined jointly (:class:`~rwcflow.tasks.GroupwiseRefine`: every session
+resampled alike and compared with the others, so that sub-voxel changes are not pulled towards the
+template's blur) and give the outputs, with their inverses and Jacobian maps. Given a group template,
 the within-subject template is registered to it and every session's transform into group space is the
 composition of the two (one interpolation from the session to the group grid).
 """
@@ -16,7 +18,8 @@ import logging
 from fileformats.generic import File
 from pydra.compose import workflow
 
-from rwcflow.tasks import ApplyTransform, ComposeTransformPair, InvertTransform, JacobianMaps, Register, SingleSession
+from rwcflow.tasks import (ApplyTransform, ComposeTransformPair, GroupwiseRefine, InvertTransform, JacobianMaps,
+                           Register, SingleSession)
 from rwcflow.workflows.atlas import Atlas
 
 log = logging.getLogger("rwcflow")
@@ -27,7 +30,8 @@ log = logging.getLogger("rwcflow")
 def Longitudinal(sessions: list[File], iterations: int = 2, step: float = 0.5, model: str = "default",
                  io_iters: int | None = None, io_grid_factor: int = 1, io_similarity: str | None = None,
                  io_regularization: float | None = None, io_interpolation: str | None = None,
-                 affine: bool = True, device: str = "auto", group_template: File | None = None):
+                 refine_iters: int = 200, affine: bool = True, device: str = "auto",
+                 group_template: File | None = None):
     """All sessions of one participant -> an unbiased within-subject template, transforms and change maps.
 
     Args:
@@ -42,6 +46,8 @@ def Longitudinal(sessions: list[File], iterations: int = 2, step: float = 0.5, m
             optimisation (as :class:`rwcflow.optimize.InstanceOptimization`; ``None``: its defaults).
             Sessions share their contrast, so ``"mse"`` or ``"ncc"`` fit, and ``"bspline"`` sampling
             resolves sub-voxel changes that trilinear sampling pulls towards zero.
+        refine_iters: Adam steps of the joint refinement of the final template->session fields
+            (:func:`rwcflow.groupwise.refine_groupwise`; 0: off, the final registrations are the outputs).
         affine: estimate an affine pre-alignment in every registration (and start from the average of
             the sessions affinely aligned to the first; without it, from their plain world-space average).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``, resolved inside each job.
@@ -84,8 +90,12 @@ def Longitudinal(sessions: list[File], iterations: int = 2, step: float = 0.5, m
                                    model=model, io_iters=io_iters, io_grid_factor=io_grid_factor,
                                    io_similarity=io_similarity, io_regularization=io_regularization,
                                    io_interpolation=io_interpolation, affine=affine, device=device), name="template")
-        inverse = workflow.add(InvertTransform().split(xfm=atlas.xfms).combine("xfm"), name="invert")
-        template, xfms, inverse_xfms, warped = atlas.template, atlas.xfms, inverse.out, atlas.warped
+        template, xfms, warped = atlas.template, atlas.xfms, atlas.warped
+        if refine_iters > 0:
+            refined = workflow.add(GroupwiseRefine(sessions=sessions, xfms=xfms, iterations=refine_iters,
+                                                   device=device), name="refine")
+            template, xfms, warped = refined.template, refined.xfms, refined.warped
+        inverse_xfms = workflow.add(InvertTransform().split(xfm=xfms).combine("xfm"), name="invert").out
     jacobians = workflow.add(JacobianMaps().split(xfm=xfms).combine("xfm"), name="jacobians")
     group_xfm = group_xfms = group_warped = None
     if group_template is not None:

@@ -1,9 +1,11 @@
-"""Nipype interfaces for template construction: ANTs' shape update and the single-session pass-through.
+"""Nipype interfaces for template construction: ANTs' shape update, the groupwise refinement of a
+participant's sessions and the single-session pass-through.
 Thin wrappers over :mod:`rwcflow.steps`, writing into the node's working directory."""
 
 from __future__ import annotations
 
-from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
+from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObject, OutputMultiObject, SimpleInterface,
+                                    TraitedSpec, traits)
 
 from rwcflow import steps
 
@@ -35,6 +37,36 @@ class ShapeUpdate(SimpleInterface):
         template, log = steps.shape_update(self.inputs.average, self.inputs.average_xfm, runtime.cwd,
                                            self.inputs.gradient_step, self.inputs.repeats, optional(self.inputs.log))
         self._results.update(template=str(template), log=str(log))
+        return runtime
+
+
+class _GroupwiseRefineInputSpec(BaseInterfaceInputSpec):
+    sessions = InputMultiObject(File(exists=True), mandatory=True, desc="the participant's sessions")
+    xfms = InputMultiObject(File(exists=True), mandatory=True,
+                            desc="their template→session fields (ITK), in the same order, on the template's grid")
+    iterations = traits.Int(200, usedefault=True, desc="Adam steps")
+    regularization = traits.Float(0.01, usedefault=True, desc="weight of the diffusion term")
+    device = traits.Str("auto", usedefault=True, desc='"auto", "cpu" or "cuda"')
+
+
+class _GroupwiseRefineOutputSpec(TraitedSpec):
+    template = File(exists=True, desc="the mean of the sessions resampled through the refined fields")
+    xfms = OutputMultiObject(File(exists=True), desc="the refined template→session fields (ITK)")
+    warped = OutputMultiObject(File(exists=True), desc="the sessions resampled onto the template")
+
+
+class GroupwiseRefine(SimpleInterface):
+    """The sessions' template→session fields refined jointly (:func:`rwcflow.groupwise.refine_groupwise`):
+    every session resampled alike and compared with the others, so that sub-voxel changes are not biased."""
+
+    input_spec = _GroupwiseRefineInputSpec
+    output_spec = _GroupwiseRefineOutputSpec
+
+    def _run_interface(self, runtime):
+        template, xfms, warped = steps.groupwise_refine_files(
+            self.inputs.sessions, self.inputs.xfms, runtime.cwd, iterations=self.inputs.iterations,
+            regularization=self.inputs.regularization, device=self.inputs.device)
+        self._results.update(template=str(template), xfms=[str(x) for x in xfms], warped=[str(w) for w in warped])
         return runtime
 
 

@@ -18,7 +18,7 @@ from nipype.pipeline import engine as pe
 
 from .maps import AverageFields, AverageImages, JacobianMaps
 from .registration import InvertTransform, Register
-from .templates import ShapeUpdate, SingleSession
+from .templates import GroupwiseRefine, ShapeUpdate, SingleSession
 
 log = logging.getLogger("rwcflow")
 
@@ -92,16 +92,17 @@ def init_pairwise_wf(*, model: str = "default", io_iters: int | None = None, aff
 
 
 def init_longitudinal_wf(num_sessions: int, *, iterations: int = 2, step: float = 0.5, model: str = "default",
-                         io_iters: int | None = None, io_grid_factor: int | None = 1, affine: bool = True,
-                         device: str = "auto", omp_nthreads: int | None = None,
+                         io_iters: int | None = None, io_grid_factor: int | None = 1, refine_iters: int = 200,
+                         affine: bool = True, device: str = "auto", omp_nthreads: int | None = None,
                          name: str = "longitudinal_wf") -> pe.Workflow:
     """All sessions of one participant -> an unbiased within-subject template, transforms and change maps.
 
     As :class:`rwcflow.workflows.longitudinal.Longitudinal`: start from the average of the sessions
     (affinely aligned to the first when ``affine``); ``iterations`` times register every session to the
     template, average the warped sessions and the template→session fields and remove ``step`` times the
-    mean field from the average (:class:`ShapeUpdate`); register every session to the final template.
-    With one session the workflow is a pass-through (its own template, identity transforms).
+    mean field from the average (:class:`ShapeUpdate`); register every session to the final template;
+    refine all sessions' fields jointly (:class:`GroupwiseRefine`). With one session the workflow is a
+    pass-through (its own template, identity transforms).
 
     Parameters
     ----------
@@ -116,6 +117,8 @@ def init_longitudinal_wf(num_sessions: int, *, iterations: int = 2, step: float 
     io_grid_factor
         Template voxels per instance-optimisation control voxel (1: full resolution, which local
         longitudinal changes need; ``None``: the pairwise default, 2).
+    refine_iters
+        Adam steps of the joint refinement of the final fields (0: off).
     name
         The workflow's name.
 
@@ -193,16 +196,25 @@ def init_longitudinal_wf(num_sessions: int, *, iterations: int = 2, step: float 
             workflow.connect(*update_log, update, "log")
         template, update_log = (update, "template"), (update, "log")
     final = _register("register_final", omp_nthreads, ["moving"], **options)
-    invert = pe.MapNode(InvertTransform(), iterfield=["xfm"], name="invert")
     workflow.connect([
         (template[0], final, [(template[1], "fixed")]),
         (inputnode, final, [("sessions", "moving")]),
-        (final, invert, [("xfm", "xfm")]),
-        (final, jacobians, [("xfm", "xfm")]),
-        (template[0], outputnode, [(template[1], "template")]),
-        (final, outputnode, [("xfm", "xfms"), ("warped", "warped")]),
-        (invert, outputnode, [("out", "inverse_xfms")]),
     ])
+    result = {"template": template, "xfms": (final, "xfm"), "warped": (final, "warped")}
+    if refine_iters > 0:
+        refine = pe.Node(GroupwiseRefine(iterations=refine_iters, device=device), name="refine")
+        workflow.connect([
+            (inputnode, refine, [("sessions", "sessions")]),
+            (final, refine, [("xfm", "xfms")]),
+        ])
+        result = {key: (refine, key) for key in result}
+    invert = pe.MapNode(InvertTransform(), iterfield=["xfm"], name="invert")
+    (xfms_node, xfms_field) = result["xfms"]
+    workflow.connect([
+        (xfms_node, invert, [(xfms_field, "xfm")]),
+        (xfms_node, jacobians, [(xfms_field, "xfm")]),
+        (invert, outputnode, [("out", "inverse_xfms")]),
+    ] + [(node, outputnode, [(field, key)]) for key, (node, field) in result.items()])
     return workflow
 
 
