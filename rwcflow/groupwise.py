@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rwcflow import spatial, transforms
+from rwcflow import maps, spatial, transforms
 from rwcflow.io import Grid, Image
 from rwcflow.losses import diffusion_loss
 
@@ -151,5 +151,4 @@ def refine_groupwise(
             mapped = composed(i, correction)
             refined.append(transforms.world_displacement(mapped, grid, session.grid))
             resampled.append(transforms.sample_image(session, mapped, grid))
-    template = Image(np.mean([image.data for image in resampled], axis=0).astype(np.float32), grid.affine.copy())
-    return refined, resampled, template
+    return refined, resampled, maps.average_images(resampled)
