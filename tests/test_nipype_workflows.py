@@ -209,3 +209,5 @@ def test_single_session_passes_through(sessions, tmp_path, caplog):
     assert not np.asanyarray(nib.load(out / "ses-1_T1w_xfm_log_jacobian.nii.gz").dataobj).any()
     with pytest.raises(ValueError, match="at least one session"):
         init_longitudinal_wf(0)
+    with pytest.raises(ValueError, match="refine_iters must be"):
+        init_longitudinal_wf(2, refine_iters=-1)

@@ -145,7 +145,8 @@ def test_single_session_passes_through(sessions, submit, caplog):
 
 @pytest.mark.parametrize(("arguments", "message"), [({"sessions": []}, "at least one session"),
                                                      ({"step": 0.0}, "step must be"),
-                                                     ({"iterations": -1}, "iterations must be")])
+                                                     ({"iterations": -1}, "iterations must be"),
+                                                     ({"refine_iters": -1}, "refine_iters must be")])
 def test_invalid_arguments_are_refused(sessions, submit, arguments, message):
     with pytest.raises(ValueError, match=message):
         submit(Longitudinal(**{"sessions": sessions[0], **arguments}))

@@ -80,6 +80,8 @@ def Longitudinal(sessions: list[File], iterations: int = 2, step: float = 0.5, m
         raise ValueError(f"step must be in (0, 1], got {step}")
     if iterations < 1:
         raise ValueError(f"iterations must be at least 1, got {iterations}")
+    if refine_iters < 0:
+        raise ValueError(f"refine_iters must be >= 0, got {refine_iters}")
     if len(sessions) == 1:
         log.warning("%s: a single session, so no within-subject template is built: the session is its own "
                     "template, with identity transforms and no change maps", sessions[0])

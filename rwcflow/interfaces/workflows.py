@@ -147,6 +147,8 @@ def init_longitudinal_wf(num_sessions: int, *, iterations: int = 2, step: float 
         raise ValueError(f"a longitudinal workflow needs at least one session, got {num_sessions}")
     if iterations < 1:
         raise ValueError(f"iterations must be at least 1, got {iterations}")
+    if refine_iters < 0:
+        raise ValueError(f"refine_iters must be >= 0, got {refine_iters}")
     if not 0.0 < step <= 1.0:
         raise ValueError(f"step must be in (0, 1], got {step}")
     workflow = pe.Workflow(name=name)
