@@ -61,16 +61,15 @@ class _SessionMap:
     (:meth:`at`) with the residual, not the whole map, held constant beyond the grid's edges."""
 
     def __init__(self, session: Image, displacement: np.ndarray, grid: Grid, device: torch.device):
-        voxel_map = np.linalg.inv(session.grid.affine) @ grid.affine
-        self.matrix = torch.as_tensor(voxel_map[:3, :3], dtype=torch.float32, device=device)
-        self.offset = torch.as_tensor(voxel_map[:3, 3], dtype=torch.float32, device=device).view(1, 3, 1, 1, 1)
-        identity = spatial.identity_grid(grid.shape, device=device)
+        self.grid, self.session_grid = grid, session.grid
+        self.identity = spatial.identity_grid(grid.shape, device=device)
         coords = session.grid.world_to_voxel(grid.world_points() + displacement)
         coords = torch.from_numpy(np.moveaxis(coords, -1, 0)[None].astype(np.float32)).to(device)
-        self.residual = coords - self._affine(identity)
+        self.residual = coords - self._affine(self.identity)
 
     def _affine(self, points: Tensor) -> Tensor:
-        return torch.einsum("ij,bjxyz->bixyz", self.matrix, points) + self.offset
+        """Session voxel coordinates of template voxel ``points`` by the grids alone (world point kept)."""
+        return transforms.mapped_coordinates(self.grid, self.session_grid, np.eye(4), points - self.identity)
 
     def at(self, points: Tensor) -> Tensor:
         """Session voxel coordinates of the map at template voxel ``points`` ``(1, 3, X, Y, Z)``."""
