@@ -177,7 +177,7 @@ def single_session(session: PathLike, out_dir: PathLike) -> tuple[Path, Path, Pa
 
 
 def groupwise_refine_files(sessions: Sequence[PathLike], xfms: Sequence[PathLike], out_dir: PathLike, *,
-                           iterations: int = 200, regularization: float = 0.01,
+                           iterations: int = 200, regularization: float = GroupwiseRefinement.regularization,
                            device: str = "auto") -> tuple[Path, list[Path], list[Path]]:
     """Refine the template→session fields ``xfms`` (ITK, on the template's grid) of ``sessions`` jointly
     (:func:`rwcflow.groupwise.refine_groupwise`): ``template.nii.gz`` (the mean of the resampled

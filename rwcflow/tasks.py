@@ -20,6 +20,7 @@ from pydra.compose import python
 
 from rwcflow import steps, transforms
 from rwcflow.affine import affine_align
+from rwcflow.groupwise import GroupwiseRefinement
 from rwcflow.io import Image, load_image, save_image
 from rwcflow.register import resolve_device
 
@@ -142,7 +143,8 @@ def ShapeUpdate(average: File, average_xfm: File, gradient_step: float = 0.25, r
 
 
 @python.define(outputs={"template": File, "xfms": list[File], "warped": list[File]})
-def GroupwiseRefine(sessions: list[File], xfms: list[File], iterations: int = 200, regularization: float = 0.01,
+def GroupwiseRefine(sessions: list[File], xfms: list[File], iterations: int = 200,
+                    regularization: float = GroupwiseRefinement.regularization,
                     device: str = "auto") -> tuple[File, list[File], list[File]]:
     """Refine the template→session fields ``xfms`` (ITK, one per session, on the template's grid) of
     ``sessions`` jointly, every session resampled alike and compared with the others

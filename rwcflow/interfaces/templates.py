@@ -8,6 +8,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObje
                                     TraitedSpec, traits)
 
 from rwcflow import steps
+from rwcflow.groupwise import GroupwiseRefinement
 
 from ._base import optional
 
@@ -45,7 +46,8 @@ class _GroupwiseRefineInputSpec(BaseInterfaceInputSpec):
     xfms = InputMultiObject(File(exists=True), mandatory=True,
                             desc="their template→session fields (ITK), in the same order, on the template's grid")
     iterations = traits.Int(200, usedefault=True, desc="Adam steps")
-    regularization = traits.Float(0.01, usedefault=True, desc="weight of the diffusion term")
+    regularization = traits.Float(GroupwiseRefinement.regularization, usedefault=True,
+                                  desc="weight of the diffusion term")
     device = traits.Str("auto", usedefault=True, desc='"auto", "cpu" or "cuda"')
 
 
