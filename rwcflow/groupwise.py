@@ -43,8 +43,8 @@ class GroupwiseRefinement:
     * ``smoothing``: passes of a 3-voxel box filter over the corrections at every step (6: about a
       Gaussian of 2 voxels). The corrections are kept smooth by this parameterisation rather than by the
       diffusion term, as ANTs' SyN smooths its updates: with a diffusion weight large enough to smooth
-      them, the corrections recover about 70 % of a sub-voxel volume change, with 6 passes and a weak
-      diffusion term about 90 % (benchmarks/results/workflows_longitudinal_*).
+      them, the 2 mm validation recovers 68-71 % of a sub-voxel volume change, with 6 passes and a weak
+      diffusion term 74-87 % (benchmarks/results/workflows_longitudinal_{refine,acquired}_cpu.md).
     """
 
     iterations: int = 200
