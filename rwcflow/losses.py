@@ -50,13 +50,15 @@ def _box_mean(image: Tensor, window: int) -> Tensor:
     return image
 
 
-def ncc_loss(fixed: Tensor, warped: Tensor, window: int = 9, mask: Tensor | None = None) -> Tensor:
+def ncc_loss(fixed: Tensor, warped: Tensor, window: int = 9, mask: Tensor | None = None, *,
+             squared: bool = False) -> Tensor:
     """``1 -`` the mean local normalised cross-correlation over cubic windows of ``window`` voxels.
 
     Per voxel, ``cov(f, w) / sqrt(var(f) var(w) + eps)`` over the window around it (windows are cut at
     the image border), with ``eps = 1e-6`` times the product of the images' global variances, so the loss
     is invariant to a positive linear intensity change of either image. 0 for a perfect match, 2 for an
-    inverted one; windows with almost no contrast count as uncorrelated (NCC near 0).
+    inverted one; windows with almost no contrast count as uncorrelated (NCC near 0). ``squared``: the
+    square of the correlation, ``cov² / (var(f) var(w) + eps)``, as ANTs' ``CC`` metric (0 to 1).
     """
     if window % 2 == 0:
         raise ValueError(f"window must be odd, got {window}")
@@ -68,7 +70,8 @@ def ncc_loss(fixed: Tensor, warped: Tensor, window: int = 9, mask: Tensor | None
     cov = _box_mean(fixed * warped, window) - mean_f * mean_w
     var_f = (_box_mean(fixed * fixed, window) - mean_f**2).clamp_min(0.0)
     var_w = (_box_mean(warped * warped, window) - mean_w**2).clamp_min(0.0)
-    ncc = cov / torch.sqrt(var_f * var_w + eps.clamp_min(torch.finfo(eps.dtype).tiny))
+    floor = var_f * var_w + eps.clamp_min(torch.finfo(eps.dtype).tiny)
+    ncc = cov.square() / floor if squared else cov / torch.sqrt(floor)
     return 1.0 - _masked_mean(ncc, mask)
 
 

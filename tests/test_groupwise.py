@@ -72,9 +72,7 @@ def test_a_known_translation_between_grids_is_kept_and_an_error_split_at_the_mid
     first, second = Image(data, affine), Image(data.copy(), shifted)
     grid = first.grid
     initial = [np.zeros((*SHAPE, 3)), np.broadcast_to(shift + delta, (*SHAPE, 3)).copy()]
-    # corrections that may follow the texture's fine detail (the defaults' smoothness costs ~0.03 mm here)
-    options = GroupwiseRefinement(iterations=300, smoothing=1, regularization=0.01)
-    refined, warped, _ = refine_groupwise([first, second], initial, grid, options)
+    refined, warped, _ = refine_groupwise([first, second], initial, grid, GroupwiseRefinement())
     interior = (slice(8, -8),) * 3
     np.testing.assert_allclose((refined[1] - refined[0])[interior].mean(axis=(0, 1, 2)), shift, atol=0.02)
     np.testing.assert_allclose(refined[0][interior].mean(axis=(0, 1, 2)), delta / 2, atol=0.03)
@@ -92,6 +90,7 @@ def test_no_iterations_keeps_the_maps_and_averages_the_resampled_sessions(shrunk
 
 @pytest.mark.parametrize("options, message", [
     (dict(iterations=-1), "iterations"), (dict(learning_rate=0), "learning_rate"), (dict(regularization=-1), "regular"),
+    (dict(window=4), "window"),
 ])
 def test_invalid_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):

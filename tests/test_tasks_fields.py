@@ -135,7 +135,7 @@ def test_groupwise_refine_keeps_a_known_translation_and_names_outputs_after_sess
     shift = np.broadcast_to([4.0, 0.0, 0.0], (24, 24, 24, 3))
     xfms = [transforms.write_displacement_field(tmp_path / name, disp, first.grid)
             for name, disp in (("a_xfm.nii.gz", 0 * shift), ("b_xfm.nii.gz", shift))]
-    out = submit(GroupwiseRefine(sessions=sessions, xfms=xfms, iterations=20, device="cpu"))
+    out = submit(GroupwiseRefine(sessions=sessions, xfms=xfms, iterations=100, device="cpu"))
     assert [Path(p).name for p in out.xfms] == ["ses-1_T1w_xfm.nii.gz", "ses-2_T1w_xfm.nii.gz"]
     assert [Path(p).name for p in out.warped] == ["ses-1_T1w_warped.nii.gz", "ses-2_T1w_warped.nii.gz"]
     refined = [transforms.read_displacement_field(path)[0] for path in out.xfms]
