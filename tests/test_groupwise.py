@@ -79,6 +79,16 @@ def test_a_known_translation_between_grids_is_kept_and_an_error_split_at_the_mid
     assert np.abs(warped[0].data - warped[1].data)[interior].mean() < 0.01
 
 
+def test_a_session_cut_by_its_field_of_view_keeps_its_map_near_the_cut():
+    """Session 2 holds only the first 28 of session 1's 40 x-slices, both maps are right (zero): correlation
+    windows that reach past the cut would compare session 1 with session 2's padding and pull the maps."""
+    data = _texture(seed=2)
+    first, second = Image(data, np.eye(4)), Image(data[:28].copy(), np.eye(4))
+    zero = np.zeros((*SHAPE, 3))
+    refined, _, _ = refine_groupwise([first, second], [zero, zero], first.grid, GroupwiseRefinement())
+    assert np.abs(refined[1]).max() < 0.01
+
+
 def test_no_iterations_keeps_the_maps_and_averages_the_resampled_sessions(shrunk_pair):
     grid, first, second, _ = shrunk_pair
     initial = [np.zeros((*SHAPE, 3)), np.full((*SHAPE, 3), 1.0)]  # session 2 read 1 mm further along each axis
