@@ -1,6 +1,7 @@
 """Losses: known values, intensity invariances, gradients, and recovery of a known translation."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -32,6 +33,8 @@ def test_ncc_and_mind_ignore_a_linear_intensity_change_mse_does_not():
     assert losses.mind_loss(image, rescaled).item() < 1e-8
     assert losses.mse_loss(image, rescaled).item() > 0.1
     assert losses.ncc_loss(image, -image).item() == pytest.approx(2.0, abs=1e-3)  # inverted contrast
+    # squared (ANTs' CC): a linear change, inverted or not, is a perfect match
+    assert losses.ncc_loss(image, -2.5 * image + 0.3, squared=True).item() == pytest.approx(0.0, abs=1e-3)
     # ...while all three notice a misalignment
     moved = smooth_image(shift=(2.0, 0.0, 0.0))
     for loss in (losses.mse_loss, losses.ncc_loss, losses.mind_loss):
@@ -108,7 +111,8 @@ def test_dice_gradient_reaches_the_field_through_soft_warped_labels():
     assert field.grad[:, 0].sum() < 0  # increasing u along axis 0 lowers the loss
 
 
-@pytest.mark.parametrize("loss", [losses.mse_loss, losses.ncc_loss, losses.mind_loss], ids=["mse", "ncc", "mind"])
+@pytest.mark.parametrize("loss", [losses.mse_loss, losses.ncc_loss, partial(losses.ncc_loss, squared=True),
+                                  losses.mind_loss], ids=["mse", "ncc", "squared ncc", "mind"])
 def test_gradient_steps_recover_a_known_translation(loss):
     shift = torch.tensor([1.5, -1.0, 0.75])
     fixed = smooth_image()
