@@ -16,8 +16,12 @@ stays where it is (no session privileged), minimises
 composed with the correction, and ``CC²`` the squared local correlation over small windows averaged
 over the template's foreground (ANTs' ``CC`` metric). Squared intensity differences also count the
 resampling blur itself, which is least at whole voxels, and so pull the maps towards the grid; a
-window's correlation is normalised by its own contrast and is less sensitive to it (the 2 mm validation
-with an acquisition-like session 2 recovers 90 % of a sub-voxel volume loss instead of 87 %). The
+window's correlation is normalised by its own contrast and is less sensitive to it. Even resampled
+alike, two sessions whose maps differ by a fraction of a voxel are blurred differently by trilinear
+interpolation, so they are sampled through the cubic B-spline kernel, whose blur is the same at every
+sub-voxel position (``interpolation``): in the 2 mm validation this recovers 99 % instead of 90 % of a
+sub-voxel volume loss with an acquisition-like session 2, and the 1 mm maps no longer follow the
+images' texture (benchmarks/results/workflows_longitudinal_refinement_settings_cpu.md). The
 template is then the mean of the ``w_i``. Intended after a template construction
 (:func:`rwcflow.workflows.atlas.Atlas`) has found the large deformations: the corrections are small and
 are optimised at full resolution without a pyramid.
@@ -35,6 +39,7 @@ import torch.nn.functional as F
 from rwcflow import maps, spatial, transforms
 from rwcflow.io import Grid, Image
 from rwcflow.losses import diffusion_loss, ncc_loss
+from rwcflow.optimize import INTERPOLATIONS
 
 Tensor = torch.Tensor
 
@@ -46,19 +51,23 @@ class GroupwiseRefinement:
     * ``iterations``: Adam steps (0: the maps are returned unchanged, the template re-averaged).
     * ``learning_rate``: Adam's initial step in template voxels (cosine-decayed to 0).
     * ``regularization``: weight of the diffusion term of each correction (in template voxels).
-    * ``smoothing``: passes of a 3-voxel box filter over the corrections at every step (6: about a
-      Gaussian of 2 voxels). The corrections are kept smooth by this parameterisation rather than by the
+    * ``smoothing``: passes of a 3-voxel box filter over the corrections at every step (10: about a
+      Gaussian of 2.6 voxels). The corrections are kept smooth by this parameterisation rather than by the
       diffusion term, as ANTs' SyN smooths its updates: with a diffusion weight large enough to smooth
-      them, the 2 mm validation recovers 68-71 % of a sub-voxel volume change, with 6 passes and a weak
-      diffusion term 75-90 % (benchmarks/results/workflows_longitudinal_{refine,acquired}_cpu.md).
+      them, the 2 mm validation recovers 68-71 % of a sub-voxel volume change, with box passes and a weak
+      diffusion term 75-100 % (benchmarks/results/workflows_longitudinal_*_cpu.md).
     * ``window``: side in voxels of the cubic windows of the local correlation (odd).
+    * ``interpolation``: how the sessions are sampled while they are compared, ``"linear"`` (trilinear)
+      or ``"bspline"`` (:func:`rwcflow.spatial.bspline_sample`, a blur that does not depend on the
+      sub-voxel position). The outputs are resampled trilinearly either way.
     """
 
     iterations: int = 200
     learning_rate: float = 0.05
     regularization: float = 1.0
-    smoothing: int = 6
+    smoothing: int = 10
     window: int = 7
+    interpolation: str = "bspline"
 
     def __post_init__(self) -> None:
         if self.iterations < 0 or self.smoothing < 0:
@@ -67,6 +76,8 @@ class GroupwiseRefinement:
             raise ValueError("learning_rate must be > 0 and regularization >= 0")
         if self.window < 1 or self.window % 2 == 0:
             raise ValueError(f"window must be a positive odd number of voxels, got {self.window}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
 
 
 class _SessionMap:
@@ -107,14 +118,16 @@ def _scaled_alike(sessions: Sequence[Image], coords: Sequence[Tensor],
     return scaled, torch.from_numpy(common)[None, None].to(device)
 
 
-def _compared_voxels(tissue: Tensor, sessions: Sequence[Image], coords: Sequence[Tensor], window: int) -> Tensor:
+def _compared_voxels(tissue: Tensor, sessions: Sequence[Image], coords: Sequence[Tensor], window: int,
+                     reach: int) -> Tensor:
     """The ``tissue`` voxels whose whole correlation window maps inside every session's field of view
-    through ``coords``: a window reaching past a field of view's edge would compare a session with its
-    padding, and pull the maps there."""
+    through ``coords``, ``reach`` voxels (the interpolation kernel's, beyond the nearest voxels) in from
+    its edges: a window reaching past an edge would compare a session with its padding, and pull the maps
+    there."""
     inside = torch.ones_like(tissue, dtype=torch.float32)
     for session, c in zip(sessions, coords):
         limits = torch.tensor(session.grid.shape, dtype=c.dtype, device=c.device).view(1, 3, 1, 1, 1) - 1
-        inside = inside * ((c >= 0) & (c <= limits)).all(dim=1, keepdim=True)
+        inside = inside * ((c >= reach) & (c <= limits - reach)).all(dim=1, keepdim=True)
     eroded = -F.max_pool3d(-inside, window, stride=1, padding=window // 2)
     return tissue & (eroded > 0)
 
@@ -146,7 +159,8 @@ def refine_groupwise(
     identity = spatial.identity_grid(grid.shape, device=device)
     initial = [session_map.at(identity) for session_map in session_maps]
     values, tissue = _scaled_alike(sessions, initial, device)
-    compared = _compared_voxels(tissue, sessions, initial, options.window)
+    bspline = options.interpolation == "bspline"
+    compared = _compared_voxels(tissue, sessions, initial, options.window, reach=1 if bspline else 0)
 
     def corrections(parameter: Tensor) -> Tensor:
         smoothed = spatial.box_smooth(parameter, options.smoothing)
@@ -155,13 +169,14 @@ def refine_groupwise(
     def composed(i: int, correction: Tensor) -> Tensor:
         return session_maps[i].at(identity + correction[i : i + 1])
 
+    sample = spatial.bspline_sample if bspline else spatial.sample
     parameter = torch.zeros((len(sessions), 3, *grid.shape), device=device, requires_grad=True)
     voxels = float(np.prod(grid.shape))
     optimizer = torch.optim.Adam([parameter], lr=options.learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(options.iterations, 1))
     for done in range(1, options.iterations + 1):
         correction = corrections(parameter)
-        warped = torch.cat([spatial.sample(v, composed(i, correction)) for i, v in enumerate(values)])
+        warped = torch.cat([sample(v, composed(i, correction)) for i, v in enumerate(values)])
         others = (warped.sum(0, keepdim=True) - warped) / (len(values) - 1)
         loss = ncc_loss(others, warped, options.window, compared, squared=True)
         # Summed over the voxels rather than averaged: a mean's per-voxel gradients (~1e-10 on a brain

@@ -15,7 +15,6 @@ Fields follow :mod:`rwcflow.spatial`: ``(B, 3, X, Y, Z)`` in voxels of the fixed
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,7 +60,7 @@ class InstanceOptimization:
     * ``smoothing``: passes of a 3-voxel box filter over the control field at every step.
     * ``interpolation``: how the moving image (or descriptors) is sampled on the control grid:
       ``"linear"`` (trilinear) or ``"bspline"`` (the cubic B-spline kernel, the fixed image filtered
-      by the same kernel; see :func:`_bspline_sample`), which sub-voxel changes need.
+      by the same kernel; see :func:`rwcflow.spatial.bspline_sample`), which sub-voxel changes need.
     """
 
     iterations: int = 80
@@ -125,33 +124,6 @@ def _pool(volume: Tensor, stride: int) -> Tensor:
     return F.avg_pool3d(volume, 2 * radius + 1, stride=stride, padding=radius, count_include_pad=False)
 
 
-# The cubic B-spline's values at whole voxels: what sampling through it does to an image at voxel centres.
-_BSPLINE_AT_VOXELS = (1 / 6, 4 / 6, 1 / 6)
-
-
-def _bspline_sample(image: Tensor, coords: Tensor) -> Tensor:
-    """``image`` at voxel ``coords`` through the cubic B-spline kernel, as 8 trilinear samples (Sigg and
-    Hadwiger, GPU Gems 2, 2005); borders replicated.
-
-    Unlike trilinear interpolation, whose blur vanishes at voxel centres and peaks half-way between
-    them (so that a similarity favours whole-voxel shifts), the kernel blurs alike, by a variance of
-    1/3 voxel², at every sub-voxel position, and is twice differentiable: sub-voxel displacements are
-    then not pulled towards the grid. It approximates rather than interpolates, so the fixed image is
-    filtered by the same kernel (:data:`_BSPLINE_AT_VOXELS`) before they are compared.
-    """
-    base = coords.detach().floor()
-    t = coords - base
-    # per axis: the weights of voxels base-1..base+2, paired into two trilinear taps (weight, position)
-    w1 = (3 * t**3 - 6 * t**2 + 4) / 6
-    g0 = (1 - t) ** 3 / 6 + w1
-    taps = ((g0, base - 1 + w1 / g0), (1 - g0, base + 1 + t**3 / (6 * (1 - g0))))
-    out = 0
-    for (gx, hx), (gy, hy), (gz, hz) in itertools.product(taps, repeat=3):
-        weight = gx[:, 0:1] * gy[:, 1:2] * gz[:, 2:3]
-        out = out + weight * spatial.sample(image, torch.cat([hx[:, 0:1], hy[:, 1:2], hz[:, 2:3]], 1))
-    return out
-
-
 def _region(mask: Tensor | None, points: Tensor | None, shape: Sequence[int]) -> tuple[list[float], list[float]]:
     """First and last voxel coordinates, per axis, of the mask's non-zero voxels and the keypoints."""
     if mask is None:
@@ -174,7 +146,7 @@ def _levels(
 ) -> list[_Level]:
     """The pyramid, coarsest level first, from padded full-resolution ``volumes`` (fixed, moving, mask,
     fixed_labels, moving_labels); each level is pooled from the next finer one. With ``bspline`` the
-    fixed image of each level is filtered as :func:`_bspline_sample` samples the moving one."""
+    fixed image of each level is filtered as :func:`rwcflow.spatial.bspline_sample` samples the moving one."""
     levels = []
     previous = 1
     for stride in sorted(strides):
@@ -187,7 +159,7 @@ def _levels(
         )
         cut = {key: v if v is None or key.startswith("moving") else v[(..., *box)] for key, v in volumes.items()}
         if bspline:
-            cut["fixed"] = spatial.box_smooth(volumes["fixed"], 1, _BSPLINE_AT_VOXELS)[(..., *box)]
+            cut["fixed"] = spatial.box_smooth(volumes["fixed"], 1, spatial.BSPLINE_AT_VOXELS)[(..., *box)]
         origin = torch.tensor([b.start for b in box], dtype=spacing.dtype, device=spacing.device)
         grid = spatial.identity_grid(cut["fixed"].shape[2:], device=spacing.device) + origin.view(1, 3, 1, 1, 1)
         level_points = (None, None) if points is None else tuple(p / stride - origin for p in points)
@@ -207,7 +179,7 @@ def _combine(correction: Tensor, init: Tensor | None, diffeomorphic: bool) -> Te
 
 def _loss(field: Tensor, smooth: Tensor, level: _Level, options: InstanceOptimization) -> Tensor:
     """Similarity (+ soft Dice, + keypoint distance) of a control-grid ``field``, + diffusion of ``smooth``."""
-    sample = _bspline_sample if options.interpolation == "bspline" else spatial.sample
+    sample = spatial.bspline_sample if options.interpolation == "bspline" else spatial.sample
     warped = sample(level.moving, level.grid + field)
     if options.similarity == "ncc":
         loss = ncc_loss(level.fixed, warped, mask=level.mask)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from nilearn.datasets import load_mni152_brain_mask, load_mni152_template
 from scipy.spatial.transform import Rotation
 

@@ -293,3 +293,21 @@ def test_box_smooth_keeps_linear_ramps_inside_and_averages_neighbours():
     assert weighted[0, 0, 2, 2, 2].item() == pytest.approx(0.125)
     assert weighted[0, 0, 1, 2, 2].item() == pytest.approx(0.0625)
     assert weighted.sum().item() == pytest.approx(1.0)
+
+
+def test_bspline_sampling_blurs_alike_at_every_sub_voxel_position():
+    """Through the cubic B-spline kernel a linear ramp is reproduced and a parabola ``x^2`` comes out as
+    ``x^2 + 1/3`` (the kernel's variance) wherever it is sampled, with the derivative ``2x``; trilinear
+    interpolation's error on it, ``t (1 - t)`` at a fraction ``t`` of a voxel, vanishes at voxel centres."""
+    x = torch.arange(12.0, dtype=torch.float64).view(1, 1, 12, 1, 1).expand(1, 1, 12, 5, 5)
+    coords = spatial.identity_grid((12, 5, 5), dtype=torch.float64).clone()
+    coords[:, 0] = torch.linspace(2.0, 9.0, 12, dtype=torch.float64).view(12, 1, 1)  # whole and fractional
+    coords.requires_grad_(True)
+    position = coords[:, 0:1]
+    torch.testing.assert_close(spatial.bspline_sample(x, coords), position)
+    parabola = spatial.bspline_sample(x**2, coords)
+    torch.testing.assert_close(parabola, position**2 + 1 / 3)
+    (gradient,) = torch.autograd.grad(parabola.sum(), coords)
+    torch.testing.assert_close(gradient[:, 0:1], 2 * position)
+    fraction = position - position.floor()
+    torch.testing.assert_close(spatial.sample(x**2, coords), position**2 + fraction * (1 - fraction))

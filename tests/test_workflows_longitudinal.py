@@ -12,7 +12,7 @@ import torch
 
 from rwcflow import maps, spatial, transforms
 from rwcflow.example import make_example_pair
-from rwcflow.io import Grid, Image, load_image, resample, save_image
+from rwcflow.io import Image, load_image, resample, save_image
 from rwcflow.workflows.longitudinal import Longitudinal
 
 BLOB_CENTRE_MM = np.array([0.0, -10.0, 10.0])  # near the ventricles: local structure a registration can see
