@@ -20,6 +20,7 @@ Prints a Markdown table per workflow and writes ``benchmarks/results/workflows_<
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -33,7 +34,8 @@ from benchmarks.system import REPOSITORY, environment
 from rwcflow import spatial, transforms
 from rwcflow.bids_app.demo import LEFT_HIPPOCAMPUS_MNI_MM, shrink_sphere
 from rwcflow.example import mni152_brain
-from rwcflow.io import Image, load_image, save_image
+from rwcflow.groupwise import GroupwiseRefinement
+from rwcflow.io import Grid, Image, load_image, save_image
 from rwcflow.synth import random_smooth_field
 from rwcflow.tasks import Register
 from rwcflow.worker import ForkServerWorker
@@ -69,6 +71,20 @@ def acquired_sessions(resolution: float, loss: float, radius: float) -> tuple[Im
     return Image(acquire(fine.data.astype(np.float64)), affine), Image(acquire(shrunk), affine)
 
 
+def change_measures(change: np.ndarray, grid: Grid, brain: np.ndarray, radius: float) -> dict:
+    """Of a log-Jacobian change map on ``grid``: the measured change, ``exp(mean over the sphere) - 1`` in %;
+    the far field, the mean absolute change over the ``brain`` voxels beyond 3 radii; and the change in
+    % over 4 mm shells from the centre out to 2 radii (the truth: the loss inside, a gain beyond)."""
+    distance = np.linalg.norm(grid.world_points() - np.asarray(LEFT_HIPPOCAMPUS_MNI_MM), axis=-1)
+
+    def percent(mask: np.ndarray) -> float:
+        return float(100 * (np.exp(change[mask].mean()) - 1))
+
+    return {"measured_change_percent": percent(distance <= radius),
+            "far_mean_abs_log_change": float(np.abs(change[(distance >= 3 * radius) & brain]).mean()),
+            "shells_percent": [percent((distance >= r) & (distance < r + 4)) for r in np.arange(0, 2 * radius, 4)]}
+
+
 def run_longitudinal(folder: Path, submitter: Submitter, resolution: float, loss: float, radius: float,
                      io_iters: int | None, io_options: dict, refine_iters: int, simulation: str) -> dict:
     """The validation with the workflow's groupwise refinement (``refine_iters`` steps) and, when that is on,
@@ -76,9 +92,6 @@ def run_longitudinal(folder: Path, submitter: Submitter, resolution: float, loss
     session 2 made by ``simulation`` (:func:`resampled_sessions` or :func:`acquired_sessions`)."""
     brain, shrunk = (acquired_sessions if simulation == "acquired" else resampled_sessions)(resolution, loss, radius)
     sessions = [save_image(brain, folder / "ses-1_T1w.nii.gz"), save_image(shrunk, folder / "ses-2_T1w.nii.gz")]
-    points = brain.grid.world_points()
-    distance = np.linalg.norm(points - np.asarray(LEFT_HIPPOCAMPUS_MNI_MM), axis=-1)
-    sphere, far = distance <= radius, (distance >= 3 * radius) & (brain.data > 0)
     rows = []
     for refine in dict.fromkeys([refine_iters, 0]):
         start = time.perf_counter()
@@ -86,13 +99,14 @@ def run_longitudinal(folder: Path, submitter: Submitter, resolution: float, loss
                                      refine_iters=refine, **io_options), raise_errors=True).outputs
         seconds = time.perf_counter() - start
         change = load_image(out.log_jacobians[1]).data - load_image(out.log_jacobians[0]).data
-        measured = 100 * (np.exp(change[sphere].mean()) - 1)
-        rows.append({"refine_iters": refine, "measured_change_percent": float(measured),
-                     "error_pp": float(measured + 100 * loss),
-                     "far_mean_abs_log_change": float(np.abs(change[far]).mean()),
+        measures = change_measures(change, brain.grid, brain.data > 0, radius)
+        rows.append({"refine_iters": refine, "measured_change_percent": measures["measured_change_percent"],
+                     "error_pp": measures["measured_change_percent"] + 100 * loss,
+                     "far_mean_abs_log_change": measures["far_mean_abs_log_change"],
                      "wall_s": seconds if not rows else None})
+    refinement = dataclasses.asdict(GroupwiseRefinement(iterations=refine_iters))
     return {"resolution_mm": resolution, "shape": list(brain.grid.shape), "true_change_percent": -100 * loss,
-            "simulation": simulation, "rows": rows}
+            "simulation": simulation, "refinement": refinement, "rows": rows}
 
 
 def make_cohort(folder: Path, brain: Image, subjects: int, deformation_mm: float, resolution: float):
@@ -159,10 +173,11 @@ def tables(longitudinal: dict | None, atlas: dict | None) -> str:
     if longitudinal is not None:
         options = ", ".join(f"{k.removeprefix('io_')} {v}" for k, v in longitudinal.get("io_options", {}).items())
         shape = "×".join(map(str, longitudinal["shape"]))
+        refinement = ", ".join(f"{k} {v}" for k, v in longitudinal["refinement"].items())
         lines += ["### Longitudinal: simulated local volume loss (left hippocampus sphere)", "",
                   f"Within-subject instance optimisation: {options or 'the defaults'}; "
                   f"{longitudinal['resolution_mm']} mm, {shape}; session 2 {SIMULATIONS[longitudinal['simulation']]}.",
-                  "",
+                  "", f"Groupwise refinement: {refinement}.", "",
                   "| outputs | true change | measured change | error | far-field mean abs log-J change "
                   "| wall time |", "|---|---|---|---|---|---|"]
         for row in longitudinal["rows"]:
@@ -188,11 +203,19 @@ def tables(longitudinal: dict | None, atlas: dict | None) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_simulation_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the longitudinal simulation: voxel size, loss, sphere radius, how session 2 is made."""
     parser.add_argument("--resolution", type=float, default=2.0, help="voxel size in mm (default 2)")
     parser.add_argument("--loss", type=float, default=5.0, help="simulated local volume loss in %% (default 5)")
     parser.add_argument("--radius", type=float, default=12.0, help="radius of the shrunk sphere in mm")
+    parser.add_argument("--simulation", choices=sorted(SIMULATIONS), default="resampled",
+                        help="longitudinal: session 2 resampled (trilinear) through the field at the working "
+                             "resolution, or deformed at half the voxel size and averaged down like an acquisition")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_simulation_arguments(parser)
     parser.add_argument("--subjects", type=int, default=6)
     parser.add_argument("--deformation", type=float, default=10.0, help="largest subject deformation, mm")
     parser.add_argument("--iterations", type=int, default=3)
@@ -203,9 +226,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-interpolation", choices=["linear", "bspline"], help="longitudinal: IO sampling")
     parser.add_argument("--refine-iters", type=int, default=200,
                         help="longitudinal: groupwise refinement steps (the workflow's default; 0: off)")
-    parser.add_argument("--simulation", choices=["resampled", "acquired"], default="resampled",
-                        help="longitudinal: session 2 resampled (trilinear) through the field at the working "
-                             "resolution, or deformed at half the voxel size and averaged down like an acquisition")
     parser.add_argument("--parts", nargs="+", choices=["longitudinal", "atlas"], default=["longitudinal", "atlas"])
     parser.add_argument("--jobs", type=int, default=2, help="parallel Pydra jobs (one torch thread each)")
     parser.add_argument("--work-dir", type=Path, default=Path("bench_work/workflows"))
