@@ -21,7 +21,7 @@ alike, two sessions whose maps differ by a fraction of a voxel are blurred diffe
 interpolation, so they are sampled through the cubic B-spline kernel, whose blur is the same at every
 sub-voxel position (``interpolation``): in the 2 mm validation this recovers 99 % instead of 90 % of a
 sub-voxel volume loss with an acquisition-like session 2, and the 1 mm maps no longer follow the
-images' texture (benchmarks/results/workflows_longitudinal_refinement_settings_cpu.md). The
+images' texture (benchmarks/results/workflows_longitudinal_refinement_settings{,_1mm_crop}_cpu.md). The
 template is then the mean of the ``w_i``. Intended after a template construction
 (:func:`rwcflow.workflows.atlas.Atlas`) has found the large deformations: the corrections are small and
 are optimised at full resolution without a pyramid.
