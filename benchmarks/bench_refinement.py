@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="parallel Pydra jobs for the registrations")
     parser.add_argument("--work-dir", type=Path, default=Path("bench_work/workflows"))
     parser.add_argument("--out", type=Path,
-                        default=REPOSITORY / "benchmarks" / "results" / "workflows_longitudinal_refinement_settings_cpu")
+                        default=REPOSITORY / "benchmarks" / "results"
+                        / "workflows_longitudinal_refinement_settings_cpu")
     args = parser.parse_args(argv)
 
     simulate = acquired_sessions if args.simulation == "acquired" else resampled_sessions
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     true_shells = change_measures(truth, grid, brain, args.radius)
     record = {"environment": environment(["pydra"]), "resolution_mm": args.resolution, "simulation": args.simulation,
               "true_change_percent": -args.loss, "crop_mm": args.crop, "shape": list(grid.shape),
-              "defaults": dataclasses.asdict(GroupwiseRefinement()), "true_shells_percent": true_shells["shells_percent"],
+              "defaults": dataclasses.asdict(GroupwiseRefinement()),
+              "true_shells_percent": true_shells["shells_percent"],
               "true_far_mean_abs_log_change": true_shells["far_mean_abs_log_change"], "rows": []}
     for setting in args.settings:
         record["rows"].append(run_setting(sessions, [d[box] for d in displacements], grid, brain, args.radius, setting))
