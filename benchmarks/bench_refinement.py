@@ -111,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     box, grid = crop_box(sessions[0].grid, args.crop)
     brain = sessions[0].data[box] > 0
-    # the truth on the template grid (that of session 1): session 2 is session 1 pulled back through u, so
-    # the template→session-2 map is u's inverse, and its log-Jacobian that of u with the sign flipped
+    # the truth on session 1's grid: session 2 is session 1 pulled back through u, so the change from session
+    # 1 to 2 is the log-Jacobian of u's inverse, -log det(I + grad u) (to first order in u's sub-voxel size,
+    # at the same points of the template, which lies half-way between the sessions)
     field = shrink_sphere(grid, LEFT_HIPPOCAMPUS_MNI_MM, args.radius, args.loss / 100).double()
     truth = -torch.log(spatial.jacobian_determinant(field))[0, 0].numpy()
     true_shells = change_measures(truth, grid, brain, args.radius)
