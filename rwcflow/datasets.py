@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import functools
 import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
@@ -117,16 +118,18 @@ def first(batch: list[Pair]) -> Pair:
 class SyntheticSource(PairSource):
     """Pairs made by :func:`rwcflow.synth.synthesize_pair` from offline anatomies (:mod:`rwcflow.anatomy`).
 
-    ``anatomies``: names (default: every installed one) or :class:`~rwcflow.anatomy.Anatomy` objects;
+    ``anatomies``: names (default: every installed one), label-map paths, ``{"labels": path, "image": path}``
+    entries (your own brains, :func:`~rwcflow.anatomy.anatomy_from_files`) or
+    :class:`~rwcflow.anatomy.Anatomy` objects;
     ``resolution_mm``: their voxel size; ``options``: :class:`~rwcflow.synth.SynthOptions` or a dict of
     them, in voxels of that grid; ``validation_pairs``: how many fixed validation pairs to make (from
     their own seeds).
     """
 
-    def __init__(self, anatomies: Sequence[str | Anatomy] | None = None, resolution_mm: float = 2.0,
+    def __init__(self, anatomies: Sequence[str | dict | Anatomy] | None = None, resolution_mm: float = 2.0,
                  options: SynthOptions | dict | None = None, validation_pairs: int = 2):
         names = available_anatomies() if anatomies is None else anatomies
-        self.anatomies = [a if isinstance(a, Anatomy) else load_anatomy(a, resolution_mm) for a in names]
+        self.anatomies = [_anatomy(a, resolution_mm) for a in names]
         if not self.anatomies:
             raise ValueError("no anatomy to synthesise pairs from")
         self.options = options if isinstance(options, SynthOptions) else SynthOptions(**(options or {}))
@@ -135,9 +138,9 @@ class SyntheticSource(PairSource):
     def sample(self, generator: torch.Generator, anatomy: Anatomy | None = None) -> Pair:
         """A random pair (from a random anatomy, or from ``anatomy``)."""
         anatomy = anatomy or self.anatomies[int(torch.randint(len(self.anatomies), (), generator=generator))]
-        synthetic = synthesize_pair(anatomy.labels.tensor(dtype=torch.int64), anatomy.image.tensor(), self.options,
-                                    generator=generator)
-        return Pair(synthetic.fixed, synthetic.moving, tuple(anatomy.image.grid.spacing.tolist()),
+        image = None if anatomy.image is None else anatomy.image.tensor()
+        synthetic = synthesize_pair(anatomy.labels.tensor(dtype=torch.int64), image, self.options, generator=generator)
+        return Pair(synthetic.fixed, synthetic.moving, tuple(anatomy.labels.grid.spacing.tolist()),
                     fixed_labels=synthetic.fixed_labels, moving_labels=synthetic.moving_labels,
                     fixed_mask=(synthetic.fixed_labels > 0).float(), true_field=synthetic.true_field,
                     name=anatomy.name)
@@ -150,6 +153,19 @@ class SyntheticSource(PairSource):
     def validation(self) -> list[Pair]:
         return [replace(self.sample(torch.Generator().manual_seed(2**40 + n)), name=f"synthetic-{n}")
                 for n in range(self.validation_pairs)]
+
+
+def _anatomy(spec: str | os.PathLike | dict | Anatomy, resolution_mm: float) -> Anatomy:
+    """An :class:`Anatomy` from a :class:`SyntheticSource` entry."""
+    if isinstance(spec, Anatomy):
+        return spec
+    if isinstance(spec, dict):
+        unknown = set(spec) - {"labels", "image"}
+        if "labels" not in spec or unknown:
+            raise ValueError(f"an anatomy entry needs 'labels' (and optionally 'image'), got {sorted(spec)}")
+        image = spec.get("image")
+        return load_anatomy(str(spec["labels"]), resolution_mm, None if image is None else str(image))
+    return load_anatomy(str(spec), resolution_mm)
 
 
 # --- files: shared loading ---------------------------------------------------------------------

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 SIMILARITIES = ("mse", "ncc")
 SCHEDULES = ("constant", "cosine")
+#: ``rwcflow-train``'s exit status when it stopped at its ``--time-limit`` (EX_TEMPFAIL): run it again
+EXIT_RESUME = 75
 
 
 @dataclass
@@ -372,6 +374,16 @@ def _device(name: str, local_rank: int) -> torch.device:
     return device
 
 
+def _past(deadline: float | None, world: int, device: torch.device) -> bool:
+    """Whether ``deadline`` (a :func:`time.monotonic` value) has passed, as every process agrees."""
+    if deadline is None:
+        return False
+    late = torch.tensor(float(time.monotonic() >= deadline), device=device)
+    if world > 1:
+        dist.all_reduce(late, op=dist.ReduceOp.MAX)
+    return bool(late)
+
+
 def _initial_model(config: TrainConfig, k: int, init_model: str | os.PathLike | RWCNet | None) -> RWCNet:
     """A fresh network (stage 0, no ``init_model``) or ``init_model`` with the run's network config."""
     if init_model is None:
@@ -447,6 +459,7 @@ def train_stage(
     source: PairSource | None = None,
     validation: Sequence[Pair] | None = None,
     stop_at: int | None = None,
+    deadline: float | None = None,
     progress: bool = True,
 ) -> StageResult | None:
     """Train stage ``k`` of ``config``'s network into ``out_dir/stage<k>/``, resuming from its checkpoint.
@@ -454,8 +467,8 @@ def train_stage(
     ``init_model`` (a model file or network; required for ``k > 0``) holds the earlier stages, which
     stay frozen. ``source`` (default: ``make_source(config.data)``) gives the training pairs and
     ``validation`` the validation pairs (default: from ``config.validation_data`` or the source).
-    ``stop_at`` ends the run after that step, checkpointed (a job run in pieces); the result is then
-    ``None``. Under ``torchrun`` (``WORLD_SIZE > 1``) every process trains on its own pairs and the
+    ``stop_at`` ends the run after that step, checkpointed (a job run in pieces), and ``deadline`` (a
+    :func:`time.monotonic` value) after the first step that ends past it; the result is then ``None``. Under ``torchrun`` (``WORLD_SIZE > 1``) every process trains on its own pairs and the
     gradients are averaged (NCCL on CUDA, gloo on CPU); process 0 writes the files.
     """
     rank, world, local_rank = _distributed()
@@ -513,6 +526,7 @@ def train_stage(
                                          generator=torch.Generator().manual_seed(seed))
     scores: dict[str, float] = {}
     clock = time.perf_counter()
+    done = start
 
     def save_checkpoint(step: int) -> None:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -534,20 +548,23 @@ def train_stage(
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        if rank != 0:
-            continue
-        logbook.write(step=step, split="train", loss=float(loss.detach()), lr=scheduler.get_last_lr()[0],
-                      seconds=time.perf_counter() - clock, **terms)
-        bar.update(step, float(loss.detach()))
-        if step == stop or (config.checkpoint_every and step % config.checkpoint_every == 0):
-            save_checkpoint(step)
-        if validation and (step == steps or (config.validate_every and step % config.validate_every == 0)):
-            scores = validate(model, validation, range(k + 1))
-            logbook.write(step=step, split="val", seconds=time.perf_counter() - clock, **scores)
+        done = step
+        out_of_time = _past(deadline, world, device)
+        if rank == 0:
+            logbook.write(step=step, split="train", loss=float(loss.detach()), lr=scheduler.get_last_lr()[0],
+                          seconds=time.perf_counter() - clock, **terms)
+            bar.update(step, float(loss.detach()))
+            if step == stop or out_of_time or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                save_checkpoint(step)
+            if validation and (step == steps or (config.validate_every and step % config.validate_every == 0)):
+                scores = validate(model, validation, range(k + 1))
+                logbook.write(step=step, split="val", seconds=time.perf_counter() - clock, **scores)
+        if out_of_time:
+            break
 
     if stop == start and rank == 0 and not checkpoint_path.is_file():
         save_checkpoint(start)
-    finished = stop == steps
+    finished = done == steps
     if finished and rank == 0:
         if not scores and validation:
             scores = validate(model, validation, range(k + 1))
@@ -570,13 +587,17 @@ def train(
     stages: Iterable[int] | None = None,
     init_model: str | os.PathLike | None = None,
     source: PairSource | None = None,
+    time_limit_s: float | None = None,
     progress: bool = True,
 ) -> Path | None:
     """Train ``stages`` (default all) in order into ``out_dir``; returns ``out_dir/model.safetensors``.
 
     Each stage starts from the previous stage's model in ``out_dir`` (or ``init_model`` for the first
-    one asked for); a finished stage is not trained again, an interrupted one resumes.
+    one asked for); a finished stage is not trained again, an interrupted one resumes. After
+    ``time_limit_s`` seconds the run stops at the end of a step, checkpointed, and returns ``None``
+    (a job with a wall-time limit: run it again to go on).
     """
+    deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if _distributed()[0] == 0:
@@ -587,7 +608,10 @@ def train(
     for k in order:
         if previous is None and k > 0:
             previous = out_dir / f"stage{k - 1}" / "model.safetensors"
-        result = train_stage(config, k, out_dir, init_model=previous, source=source, progress=progress)
+        result = train_stage(config, k, out_dir, init_model=previous, source=source, deadline=deadline,
+                             progress=progress)
+        if result is None:
+            return None
         previous = result.model
     final = out_dir / "model.safetensors"
     if result is not None and order and order[-1] == len(config.model.stages) - 1 and _distributed()[0] == 0:
@@ -661,6 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--init-model", type=Path, help="model file holding the stages before the first one trained")
     parser.add_argument("--device", help="override the config's device (auto, cpu, cuda, cuda:1)")
     parser.add_argument("--stop-at", type=int, help="stop (checkpointed) after this step of the first stage trained")
+    parser.add_argument("--time-limit", type=float, metavar="MINUTES",
+                        help="stop (checkpointed) after this many minutes, with exit status 75; run again to go on")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--print-config", choices=("paper", "tiny", "cpu"), help="print a preset config and exit")
     return parser
@@ -675,6 +701,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.config is None or args.out_dir is None:
         parser.error("config and out_dir are required")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    time_limit = None if args.time_limit is None else 60.0 * args.time_limit
+    deadline = None if time_limit is None else time.monotonic() + time_limit
     try:
         config = load_config(args.config)
         if args.device:
@@ -684,14 +712,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             init = args.init_model or (args.out_dir / f"stage{first_stage - 1}" / "model.safetensors"
                                        if first_stage > 0 else None)
             save_config(config, Path(args.out_dir) / "config.json")
-            train_stage(config, first_stage, args.out_dir, init_model=init, stop_at=args.stop_at,
-                        progress=not args.quiet)
-            return 0
-        model = train(config, args.out_dir, stages=args.stages, init_model=args.init_model, progress=not args.quiet)
+            model = train_stage(config, first_stage, args.out_dir, init_model=init, stop_at=args.stop_at,
+                                deadline=deadline, progress=not args.quiet)
+        else:
+            model = train(config, args.out_dir, stages=args.stages, init_model=args.init_model, time_limit_s=time_limit,
+                          progress=not args.quiet)
     except (OSError, ValueError) as exc:
         print(f"rwcflow-train: error: {exc}", file=sys.stderr)
         return 2
-    if model is not None:
+    if model is None and deadline is not None and time.monotonic() >= deadline:
+        print(f"rwcflow-train: stopped after the {args.time_limit:g}-minute time limit, checkpointed in "
+              f"{args.out_dir}; run the same command again to go on", file=sys.stderr)
+        return EXIT_RESUME
+    if isinstance(model, Path):
         print(model)
     return 0
 

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from rwcflow import spatial
 from rwcflow.anatomy import Anatomy, available_anatomies, brain_grid, load_anatomy
@@ -267,6 +268,37 @@ def test_synthetic_source_pairs_know_their_field():
     first, second = source.validation(), source.validation()
     assert [p.name for p in first] == ["synthetic-0", "synthetic-1"]
     assert torch.equal(first[1].fixed, second[1].fixed) and not torch.equal(first[0].fixed, first[1].fixed)
+
+
+def test_own_label_maps_and_images_from_files_make_synthetic_pairs(tmp_path):
+    toy = _toy_anatomy()
+    # stored with the first axis right to left (LAS): the anatomy comes back on a RAS brain grid
+    las = np.diag([-2.0, 2.0, 2.0, 1.0])
+    labels = save_image(Image(toy.labels.data[::-1].copy(), las), tmp_path / "sub-01_dseg.nii.gz")
+    image = save_image(Image(toy.image.data[::-1].copy(), las), tmp_path / "sub-01_T1w.nii.gz")
+    alone = load_anatomy(str(labels), 2.0)
+    assert alone.image is None and alone.name == str(labels)
+    assert np.allclose(np.diag(alone.labels.grid.affine)[:3], 2.0)  # RAS, 2 mm
+    assert np.array_equal(np.unique(alone.labels.data), [0, 1, 2])
+    lo, hi = np.argwhere(alone.labels.data == 2).min(0), np.argwhere(alone.labels.data == 2).max(0)
+    assert np.array_equal(hi - lo + 1, [5, 6, 5])  # the inner box, 5 x 6 x 5 voxels of 2 mm, kept its size
+
+    options = SynthOptions(max_displacement=4.0, gamma=0, bias=0, blur=0, noise=0, real_intensity=1.0)
+    source = make_source({"kind": "synthetic", "resolution_mm": 2.0, "options": options.__dict__,
+                          "anatomies": [str(labels), {"labels": str(labels), "image": str(image)}]})
+    with_image = source.anatomies[1]
+    assert with_image.image.grid == with_image.labels.grid == alone.labels.grid
+    assert with_image.image.data.max() == pytest.approx(1.0) and with_image.image.data[alone.labels.data == 0].max() == 0
+    for anatomy in source.anatomies:  # labels alone: random label intensities; with the image: the image
+        pair = source.sample(torch.Generator().manual_seed(1), anatomy)
+        assert pair.spacing == (2.0, 2.0, 2.0)
+        inside = torch.from_numpy(ndimage.binary_erosion(pair.fixed_labels[0, 0].numpy() == 2))
+        spread = float(pair.fixed[0, 0][inside].std())
+        assert spread < 1e-3 if anatomy.image is None else spread > 0.02, (anatomy.image is None, spread)
+    with pytest.raises(InputError, match="or a label-map file"):
+        make_source({"kind": "synthetic", "anatomies": [str(tmp_path / "missing_dseg.nii.gz")]})
+    with pytest.raises(ValueError, match="needs 'labels'"):
+        make_source({"kind": "synthetic", "anatomies": [{"image": str(image)}]})
 
 
 def test_step_pairs_depend_on_seed_and_step_only():

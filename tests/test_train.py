@@ -19,6 +19,7 @@ from rwcflow.datasets import Pair, PairSource
 from rwcflow.models import RWCNet, RWCNetConfig, StageConfig, stage_shape
 from rwcflow.synth import SynthOptions, synthesize_pair
 from rwcflow.train import (
+    EXIT_RESUME,
     LossWeights,
     TrainConfig,
     evaluate,
@@ -275,6 +276,28 @@ def test_train_runs_every_stage_and_saves_the_config(tmp_path):
     with torch.no_grad():
         output = model(*(torch.rand(1, 1, 16, 16, 16) for _ in range(2)))
     assert len(output.stages) == 3 and output.field.shape == (1, 3, 16, 16, 16)
+
+
+def test_time_limit_stops_checkpointed_and_the_next_run_goes_on(tmp_path, capsys):
+    config = _config(model=RWCNetConfig.tiny(stages=(StageConfig(0.5, 2, 1, 1), StageConfig(1.0, 1, 1, 1))),
+                     steps=(3, 2))
+    source = OnePair(_toy_pair())
+    assert train(config, tmp_path, source=source, time_limit_s=0, progress=False) is None  # after one step
+    assert torch.load(tmp_path / "stage0" / "checkpoint.pt", weights_only=True)["step"] == 1
+    assert not (tmp_path / "stage0" / "model.safetensors").exists()
+    assert train(config, tmp_path, source=source, progress=False) == tmp_path / "model.safetensors"
+    assert [int(row["step"]) for row in _csv(tmp_path / "stage0" / "log.csv") if row["split"] == "train"] == [1, 2, 3]
+
+    path = tmp_path / "config.json"
+    config = TrainConfig.from_dict({**config.to_dict(), "data": {
+        "kind": "synthetic", "anatomies": ["mni152"], "resolution_mm": 10.0, "validation_pairs": 1}})
+    path.write_text(json.dumps(config.to_dict()))
+    capsys.readouterr()
+    assert main([str(path), str(tmp_path / "run"), "--quiet", "--time-limit", "0"]) == EXIT_RESUME
+    assert "time limit" in capsys.readouterr().err
+    assert torch.load(tmp_path / "run" / "stage0" / "checkpoint.pt", weights_only=True)["step"] == 1
+    assert main([str(path), str(tmp_path / "run"), "--quiet", "--time-limit", "60"]) == 0
+    assert load_model(tmp_path / "run" / "model.safetensors").provenance["trained_stages"] == 2
 
 
 def test_stage_needs_the_earlier_stages():
