@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from rwcflow import metrics, spatial
-from rwcflow.checkpoint import load_model, read_metadata, save_model
+from rwcflow.checkpoint import default_model_path, load_model, read_metadata, save_model
 from rwcflow.datasets import Pair, PairSource, StepPairs, first, make_source
 from rwcflow.io import atomic_write
 from rwcflow.losses import diffusion_loss, keypoint_loss, mse_loss, ncc_loss, soft_dice_loss
@@ -660,7 +660,8 @@ CPU_RECIPE = TrainConfig(
 
 def preset(name: str) -> TrainConfig:
     """Example configs: ``"paper"`` (the published network and recipe, on synthetic pairs), ``"tiny"``
-    (seconds on a CPU, for trying things out) and ``"cpu"`` (:data:`CPU_RECIPE`)."""
+    (seconds on a CPU, for trying things out), ``"cpu"`` (:data:`CPU_RECIPE`) and ``"default"`` (the
+    config the shipped default model was trained with)."""
     if name == "paper":
         return TrainConfig()
     if name == "tiny":
@@ -669,7 +670,12 @@ def preset(name: str) -> TrainConfig:
                                  "validation_pairs": 1})
     if name == "cpu":
         return copy.deepcopy(CPU_RECIPE)
-    raise ValueError(f"unknown preset {name!r}; expected paper, tiny or cpu")
+    if name == "default":
+        path = default_model_path()
+        if path is None:
+            raise ValueError("no trained default model ships with this rwcflow")
+        return TrainConfig.from_dict(read_metadata(path)["provenance"]["training"])
+    raise ValueError(f"unknown preset {name!r}; expected paper, tiny, cpu or default")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -688,7 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--time-limit", type=float, metavar="MINUTES",
                         help="stop (checkpointed) after this many minutes, with exit status 75; run again to go on")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--print-config", choices=("paper", "tiny", "cpu"), help="print a preset config and exit")
+    parser.add_argument("--print-config", choices=("paper", "tiny", "cpu", "default"),
+                        help="print a preset config (default: the shipped model's) and exit")
     return parser
 
 
@@ -696,7 +703,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.print_config:
-        print(json.dumps(preset(args.print_config).to_dict(), indent=2))
+        try:
+            print(json.dumps(preset(args.print_config).to_dict(), indent=2))
+        except ValueError as exc:
+            print(f"rwcflow-train: error: {exc}", file=sys.stderr)
+            return 2
         return 0
     if args.config is None or args.out_dir is None:
         parser.error("config and out_dir are required")
