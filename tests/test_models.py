@@ -175,10 +175,21 @@ def test_motion_encoder_reads_standardized_or_raw_costs():
     assert not RWCNet(RWCNetConfig.tiny(standardize_costs=False)).stages[0].update.encoder.standardize
 
 
-def test_correlation_gradient_is_exact():
-    fixed = torch.rand(1, 2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
-    moving = torch.rand(1, 2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda f, m: correlation(f, m, 1), (fixed, moving), fast_mode=True)
+def test_correlation_box_filter_pads_with_zeros():
+    # A constant difference of 1 for every offset, averaged over the 3x3x3 voxels around each voxel that
+    # lie inside the grid (the rest count as 0): 8/27 at a corner, 12/27 on an edge, 18/27 on a face.
+    fixed, moving = torch.ones(2, 3, 4, 5, 4), torch.zeros(2, 3, 4, 5, 4)
+    cost = correlation(fixed, moving, radius=2)
+    x, y = torch.tensor([2.0, 3.0, 3.0, 2.0]), torch.tensor([2.0, 3.0, 3.0, 3.0, 2.0])  # voxels inside per axis
+    expected = torch.einsum("i,j,k->ijk", x, y, x) / 27
+    torch.testing.assert_close(cost, expected.expand(2, 125, 4, 5, 4))
+
+
+@pytest.mark.parametrize("batch, radius", [(1, 1), (2, 2)])
+def test_correlation_gradient_is_exact(batch, radius):
+    fixed = torch.rand(batch, 2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
+    moving = torch.rand(batch, 2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda f, m: correlation(f, m, radius), (fixed, moving), fast_mode=True)
 
 
 # --- update block -------------------------------------------------------------------------------

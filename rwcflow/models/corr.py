@@ -6,8 +6,9 @@ over the 3x3x3 voxels around ``x`` (a box filter with zero padding, as the refer
 means a good match: a moving image that matches the fixed image after a displacement ``u``
 (``moving(x + u) = fixed(x)``, the convention of :mod:`rwcflow.spatial`) has its minimum at ``d = u``.
 
-The volume is built one offset at a time, and its gradient likewise, so memory stays at the size of
-the output plus one feature map, never ``(2r+1)^3`` feature maps.
+The volume is built one offset at a time into one reused feature-sized buffer, and its gradient
+likewise, then box-filtered a plane of offsets at a time, so memory stays at the size of the output plus
+one feature map and one plane of offsets, never ``(2r+1)^3`` feature maps.
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ def _box(volume: Tensor) -> Tensor:
     return F.avg_pool3d(volume, 3, stride=1, padding=1)
 
 
+def _boxed_planes(volume: Tensor, radius: int):
+    """``(k0, box(volume[:, k0:k0 + n]))`` for each plane of ``n = (2r+1)^2`` offsets (channels) in turn."""
+    plane = (2 * radius + 1) ** 2
+    for start in range(0, volume.shape[1], plane):
+        yield start, _box(volume[:, start : start + plane])
+
+
 class _CostVolume(torch.autograd.Function):
     """``cost[:, k] = box(mean_c |fixed - padded[window_k]|)``, forward and backward one offset at a time."""
 
@@ -47,8 +55,12 @@ class _CostVolume(torch.autograd.Function):
         ctx.save_for_backward(fixed, padded)
         ctx.radius = radius
         cost = fixed.new_empty((fixed.shape[0], (2 * radius + 1) ** 3, *fixed.shape[2:]))
+        difference = torch.empty_like(fixed)
         for k, window in enumerate(_windows(padded, radius)):
-            cost[:, k : k + 1] = _box((fixed - padded[window]).abs_().mean(dim=1, keepdim=True))
+            torch.sub(fixed, padded[window], out=difference).abs_()
+            cost[:, k : k + 1] = difference.mean(dim=1, keepdim=True)
+        for start, boxed in _boxed_planes(cost, radius):
+            cost[:, start : start + boxed.shape[1]] = boxed
         return cost
 
     @staticmethod
@@ -57,13 +69,15 @@ class _CostVolume(torch.autograd.Function):
         fixed, padded = ctx.saved_tensors
         grad_fixed = torch.zeros_like(fixed) if ctx.needs_input_grad[0] else None
         grad_padded = torch.zeros_like(padded) if ctx.needs_input_grad[1] else None
-        for k, window in enumerate(_windows(padded, ctx.radius)):
-            grad_mean = _box(grad_cost[:, k : k + 1]) / fixed.shape[1]
-            grad = (fixed - padded[window]).sign_().mul_(grad_mean)
-            if grad_fixed is not None:
-                grad_fixed += grad
-            if grad_padded is not None:
-                grad_padded[window] -= grad
+        grad = torch.empty_like(fixed)
+        windows = _windows(padded, ctx.radius)
+        for _, boxed in _boxed_planes(grad_cost, ctx.radius):
+            for grad_mean, window in zip(boxed.div_(fixed.shape[1]).split(1, dim=1), windows):
+                torch.sub(fixed, padded[window], out=grad).sign_().mul_(grad_mean)
+                if grad_fixed is not None:
+                    grad_fixed += grad
+                if grad_padded is not None:
+                    grad_padded[window] -= grad
         return grad_fixed, grad_padded, None
 
 
