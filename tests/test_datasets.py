@@ -270,6 +270,24 @@ def test_synthetic_source_pairs_know_their_field():
     assert torch.equal(first[1].fixed, second[1].fixed) and not torch.equal(first[0].fixed, first[1].fixed)
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_synthetic_source_on_a_device_makes_the_same_pairs_there(device):
+    source = SyntheticSource([_toy_anatomy()], options=SynthOptions(max_displacement=6.0))
+    moved = source.to(device)
+    assert source.device == torch.device("cpu") and moved.device == torch.device(device)
+    for seed in (1, 2):
+        here, there = (s.sample(torch.Generator().manual_seed(seed)) for s in (source, moved))
+        assert there.fixed.device.type == device and here.fixed.device.type == "cpu"
+        assert torch.equal(here.fixed_labels, there.fixed_labels.cpu())
+        for name in ("fixed", "moving", "true_field"):  # float kernels may differ by rounding between devices
+            torch.testing.assert_close(getattr(there, name).cpu(), getattr(here, name), rtol=0, atol=1e-4)
+    labels, _ = moved._tensors[0]  # the anatomy is moved once and kept there; the original source is unchanged
+    assert len(moved._tensors) == 1 and labels.device.type == device and source._tensors[0][0].device.type == "cpu"
+
+
 def test_own_label_maps_and_images_from_files_make_synthetic_pairs(tmp_path):
     toy = _toy_anatomy()
     # stored with the first axis right to left (LAS): the anatomy comes back on a RAS brain grid

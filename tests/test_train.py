@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import torch.multiprocessing as mp
 
 from rwcflow import metrics, spatial
 from rwcflow.checkpoint import load_model, read_metadata, save_model
-from rwcflow.datasets import Pair, PairSource
+from rwcflow.datasets import Pair, PairSource, SyntheticSource
 from rwcflow.models import RWCNet, RWCNetConfig, StageConfig, stage_shape
 from rwcflow.synth import SynthOptions, synthesize_pair
 from rwcflow.train import (
@@ -260,6 +261,17 @@ def test_resume_continues_from_the_saved_step(tmp_path):
     assert [int(row["step"]) for row in _csv(resumed.log) if row["split"] == "train"] == list(range(1, 7))
     for (name, a), b in zip(whole.network.state_dict().items(), resumed.network.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)  # the same as without interruption
+
+
+def test_synthetic_pairs_made_in_the_training_process_train_as_those_of_loader_processes(tmp_path):
+    source = SyntheticSource(["mni152"], resolution_mm=8.0, validation_pairs=1)
+    config = _config(model=RWCNetConfig.tiny(stages=(StageConfig(0.5, 2, 1),)), steps=(3,), num_workers=1)
+    loaded = train_stage(config, 0, tmp_path / "loader", source=source, progress=False)
+    made_here = train_stage(replace(config, synthesize_on_device=True), 0, tmp_path / "here", source=source,
+                            progress=False)
+    for (name, a), b in zip(loaded.network.state_dict().items(), made_here.network.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    assert made_here.validation == loaded.validation
 
 
 def test_train_runs_every_stage_and_saves_the_config(tmp_path):
