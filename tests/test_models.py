@@ -10,6 +10,7 @@ import torch
 
 from rwcflow import spatial
 from rwcflow.losses import diffusion_loss, mse_loss
+from rwcflow.models import corr
 from rwcflow.models import (
     ConvGRU,
     Encoder,
@@ -185,11 +186,30 @@ def test_correlation_box_filter_pads_with_zeros():
     torch.testing.assert_close(cost, expected.expand(2, 125, 4, 5, 4))
 
 
-@pytest.mark.parametrize("batch, radius", [(1, 1), (2, 2)])
-def test_correlation_gradient_is_exact(batch, radius):
+def _offsets_per_chunk(monkeypatch, offsets: int) -> None:
+    """The cost volume a chunk of ``offsets`` at a time, as on a GPU (one at a time on a CPU)."""
+    monkeypatch.setattr(corr, "_chunk_size", lambda features: offsets)
+
+
+@pytest.mark.parametrize("batch, radius, offsets_per_chunk", [(1, 1, 1), (2, 2, 1), (2, 2, 4)])
+def test_correlation_gradient_is_exact(batch, radius, offsets_per_chunk, monkeypatch):
     fixed = torch.rand(batch, 2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
     moving = torch.rand(batch, 2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
+    _offsets_per_chunk(monkeypatch, offsets_per_chunk)
     assert torch.autograd.gradcheck(lambda f, m: correlation(f, m, radius), (fixed, moving), fast_mode=True)
+
+
+def test_correlation_in_chunks_of_offsets_equals_one_offset_at_a_time(monkeypatch):
+    fixed, moving = (torch.rand(2, 3, 6, 7, 5, requires_grad=True) for _ in range(2))
+    weights = torch.rand(2, 125, 6, 7, 5)
+
+    def cost_and_gradients():
+        cost = correlation(fixed, moving, radius=2)
+        return cost, torch.autograd.grad((cost * weights).sum(), (fixed, moving))
+
+    one_at_a_time = cost_and_gradients()
+    _offsets_per_chunk(monkeypatch, 10)  # three chunks per plane of 25 offsets, the last of 5
+    torch.testing.assert_close(cost_and_gradients(), one_at_a_time)
 
 
 # --- update block -------------------------------------------------------------------------------
@@ -266,8 +286,9 @@ def test_stage_rescales_the_previous_field_to_its_voxels():
     # Grids share their corner voxel centres: a shift of 3 voxels of the 17-voxel input grid is
     # 3 * 4 / 16 voxels of a 5-voxel grid and 3 * 7 / 16 voxels of stage 1's 8-voxel grid.
     model = _tiny()
-    with torch.no_grad():
+    with torch.no_grad():  # a flow head that adds nothing: the stage's field is the previous one rescaled
         model.stages[1].update.flow_head.conv2.weight.zero_()
+        model.stages[1].update.flow_head.conv2.bias.zero_()
     fixed = torch.rand(1, 1, 17, 17, 17)
     previous = torch.zeros(1, 3, 5, 5, 5)
     previous[:, 0] = 3 * 4 / 16

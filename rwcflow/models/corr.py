@@ -6,9 +6,11 @@ over the 3x3x3 voxels around ``x`` (a box filter with zero padding, as the refer
 means a good match: a moving image that matches the fixed image after a displacement ``u``
 (``moving(x + u) = fixed(x)``, the convention of :mod:`rwcflow.spatial`) has its minimum at ``d = u``.
 
-The volume is built one offset at a time into one reused feature-sized buffer, and its gradient
-likewise, then box-filtered a plane of offsets at a time, so memory stays at the size of the output plus
-one feature map and one plane of offsets, never ``(2r+1)^3`` feature maps.
+On a CPU the volume is built one offset at a time into one reused feature-sized buffer, and its gradient
+likewise (memory traffic is what costs there); on a GPU, where launching a few kernels per offset costs
+more than their arithmetic, a chunk of offsets at a time (:data:`CHUNK_ELEMENTS`). Either way it is
+box-filtered a plane of offsets at a time, so memory stays at the size of the output plus one plane of
+offsets and a chunk, never ``(2r+1)^3`` feature maps on a large grid.
 """
 
 from __future__ import annotations
@@ -47,18 +49,42 @@ def _boxed_planes(volume: Tensor, radius: int):
         yield start, _box(volume[:, start : start + plane])
 
 
+#: On a GPU, the most feature values (batch x channels x offsets x voxels) a chunk of offsets holds: 2**25
+#: float32 values are 128 MB, a whole plane of offsets on a first-stage grid.
+CHUNK_ELEMENTS = 2**25
+
+
+def _chunk_size(features: Tensor) -> int:
+    """Offsets per chunk for features like ``features``: one on a CPU, on a GPU as many as
+    :data:`CHUNK_ELEMENTS` allows."""
+    return max(1, CHUNK_ELEMENTS // features.numel()) if features.is_cuda else 1
+
+
+def _chunks(windows: list, features: Tensor) -> list[tuple[int, list]]:
+    """``windows`` as ``(k0, windows[k0:k0 + n])`` with ``n`` of :func:`_chunk_size`."""
+    size = _chunk_size(features)
+    return [(start, windows[start : start + size]) for start in range(0, len(windows), size)]
+
+
+def _differences(fixed: Tensor, padded: Tensor, windows: list, buffer: Tensor) -> Tensor:
+    """``fixed - padded[window]`` for each window, as ``(B, C, len(windows), X, Y, Z)``; a single window
+    into ``buffer`` (``fixed``'s shape), several with one copy of all the shifted views."""
+    if len(windows) == 1:
+        return torch.sub(fixed, padded[windows[0]], out=buffer).unsqueeze(2)
+    return fixed.unsqueeze(2) - torch.stack([padded[window] for window in windows], dim=2)
+
+
 class _CostVolume(torch.autograd.Function):
-    """``cost[:, k] = box(mean_c |fixed - padded[window_k]|)``, forward and backward one offset at a time."""
+    """``cost[:, k] = box(mean_c |fixed - padded[window_k]|)``, forward and backward an offset or a chunk of offsets at a time."""
 
     @staticmethod
     def forward(ctx, fixed: Tensor, padded: Tensor, radius: int) -> Tensor:
         ctx.save_for_backward(fixed, padded)
         ctx.radius = radius
         cost = fixed.new_empty((fixed.shape[0], (2 * radius + 1) ** 3, *fixed.shape[2:]))
-        difference = torch.empty_like(fixed)
-        for k, window in enumerate(_windows(padded, radius)):
-            torch.sub(fixed, padded[window], out=difference).abs_()
-            cost[:, k : k + 1] = difference.mean(dim=1, keepdim=True)
+        buffer = torch.empty_like(fixed)
+        for start, windows in _chunks(list(_windows(padded, radius)), fixed):
+            cost[:, start : start + len(windows)] = _differences(fixed, padded, windows, buffer).abs_().mean(dim=1)
         for start, boxed in _boxed_planes(cost, radius):
             cost[:, start : start + boxed.shape[1]] = boxed
         return cost
@@ -69,15 +95,19 @@ class _CostVolume(torch.autograd.Function):
         fixed, padded = ctx.saved_tensors
         grad_fixed = torch.zeros_like(fixed) if ctx.needs_input_grad[0] else None
         grad_padded = torch.zeros_like(padded) if ctx.needs_input_grad[1] else None
-        grad = torch.empty_like(fixed)
-        windows = _windows(padded, ctx.radius)
-        for _, boxed in _boxed_planes(grad_cost, ctx.radius):
-            for grad_mean, window in zip(boxed.div_(fixed.shape[1]).split(1, dim=1), windows):
-                torch.sub(fixed, padded[window], out=grad).sign_().mul_(grad_mean)
+        buffer = torch.empty_like(fixed)
+        windows = list(_windows(padded, ctx.radius))
+        for plane_start, boxed in _boxed_planes(grad_cost, ctx.radius):
+            boxed.div_(fixed.shape[1])
+            plane = windows[plane_start : plane_start + boxed.shape[1]]
+            for start, chunk in _chunks(plane, fixed):
+                grad_mean = boxed[:, start : start + len(chunk)].unsqueeze(1)
+                grad = _differences(fixed, padded, chunk, buffer).sign_().mul_(grad_mean)
                 if grad_fixed is not None:
-                    grad_fixed += grad
+                    grad_fixed += grad.sum(dim=2) if len(chunk) > 1 else grad[:, :, 0]
                 if grad_padded is not None:
-                    grad_padded[window] -= grad
+                    for k, window in enumerate(chunk):
+                        grad_padded[window] -= grad[:, :, k]
         return grad_fixed, grad_padded, None
 
 

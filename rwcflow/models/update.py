@@ -67,7 +67,9 @@ class ConvGRU(nn.Module):
 class FlowHead(nn.Module):
     """Hidden state to a flow update ``(B, 3, X, Y, Z)`` in voxels.
 
-    The output convolution starts near zero, so a new stage starts close to the field it is given.
+    Both convolutions keep PyTorch's default initialisation, as RAFT's: started near zero (the reference
+    RWCNet), the output scales every upstream gradient down to nothing, and a new stage sat at a zero
+    field for hundreds of steps before its encoders began to learn.
     """
 
     def __init__(self, hidden_channels: int, channels: int):
@@ -75,8 +77,6 @@ class FlowHead(nn.Module):
         self.conv1 = _conv(hidden_channels, channels, 3)
         self.act = nn.LeakyReLU(inplace=True)
         self.conv2 = _conv(channels, 3, 3)
-        nn.init.normal_(self.conv2.weight, std=1e-5)
-        nn.init.zeros_(self.conv2.bias)
 
     def forward(self, hidden: Tensor) -> Tensor:
         return self.conv2(self.act(self.conv1(hidden)))
