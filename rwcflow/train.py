@@ -642,7 +642,9 @@ CPU_NETWORK = RWCNetConfig.tiny(
 #: that the 8 mm grid of the first stage sees whole voxels of motion: with at most 6 its cost volume held
 #: almost nothing to learn from and the network left every image where the affine put it
 #: (benchmarks/results/model_cpu_displacement6.md). With 16 it learns to move them, still far less well
-#: than instance optimisation (model_cpu.md): an hour of CPU is too little, train on a GPU.
+#: than instance optimisation (model_cpu.md): an hour of CPU is too little, train on a GPU. Adam's rate is
+#: the paper's 3e-4: at 2e-3 (that model's) the first stage did not even learn a global translation in 300
+#: steps, at 3e-4 it does (benchmarks/results/learnability_cpu.md).
 CPU_RECIPE = TrainConfig(
     model=CPU_NETWORK,
     data={"kind": "synthetic", "resolution_mm": 2.0, "validation_pairs": 0,
@@ -652,7 +654,7 @@ CPU_RECIPE = TrainConfig(
     validation_data={"kind": "synthetic", "anatomies": ["mni152"], "resolution_mm": 2.0, "validation_pairs": 2,
                      "options": {"max_displacement": 16.0, "anatomy_displacement": 2.0, "real_intensity": 1.0}},
     steps=(400, 220, 120),
-    learning_rate=2e-3,
+    learning_rate=3e-4,
     lr_schedule="cosine",
     weights=LossWeights(similarity=10.0, dice=1.0, keypoints=0.1, diffusion=0.1, flow=1.0),
     train_patch_fraction=(1.0, 0.6, 0.4),
@@ -664,16 +666,20 @@ CPU_RECIPE = TrainConfig(
 )
 
 #: The network to ship (``rwcflow-train --print-config gpu``): the paper's stages (iterations, radii,
-#: patches) with three-level encoders and a narrower update block, 1.8 M parameters (7 MB) where the
-#: paper's four-level encoders make 9.3 M (35 MB), too large to ship inside the package.
-GPU_NETWORK = RWCNetConfig(hidden_channels=32, flow_head_channels=64, encoder_blocks_down=(1, 2, 2),
-                           encoder_blocks_up=(1, 1))
+#: patches) with three-level encoders, a narrower GRU and flow head and a wider motion encoder, 2.6 M
+#: parameters (11 MB) where the paper's four-level encoders make 9.3 M (35 MB), too large to ship inside
+#: the package. The motion encoder reads the cost volume through 32 channels (``motion_channels=64``):
+#: through fewer the first stage learned a global translation more slowly, through 4 (the cpu network's)
+#: far more slowly (benchmarks/results/learnability_cpu.md).
+GPU_NETWORK = RWCNetConfig(hidden_channels=32, motion_channels=64, flow_head_channels=64,
+                           encoder_blocks_down=(1, 2, 2), encoder_blocks_up=(1, 1))
 
 #: Its recipe, for one GPU: :data:`CPU_RECIPE`'s synthetic pairs and losses, with displacements of up to
 #: 10 voxels (20 mm at 2 mm, about what remains between brains after the affine), dropout 0.5 as in the
 #: paper, mixed precision, and the pairs synthesised on the GPU (eight CPU loader processes kept an H100
-#: waiting: 0.8 s per first-stage step). Scale ``steps`` to the time you have: the stage logs give the
-#: seconds per step.
+#: waiting: 0.8 s per first-stage step), and Adam at the paper's 3e-4 (at 1e-3, with a 16-channel motion
+#: encoder, stage 0 sat at the zero field for 700 steps on an H100). Scale ``steps`` to the time you have:
+#: the stage logs give the seconds per step.
 GPU_RECIPE = replace(
     CPU_RECIPE,
     model=GPU_NETWORK,
@@ -681,7 +687,6 @@ GPU_RECIPE = replace(
     validation_data={**CPU_RECIPE.validation_data, "validation_pairs": 4,
                      "options": {**CPU_RECIPE.validation_data["options"], "max_displacement": 10.0}},
     steps=(3000, 2000, 1000),
-    learning_rate=1e-3,
     train_patch_fraction=None,
     validate_every=250,
     checkpoint_every=50,
