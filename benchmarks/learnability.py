@@ -12,7 +12,8 @@ A configuration that cannot learn this cannot learn anatomy.
     python -m benchmarks.learnability --preset cpu --steps 300 \\
         --variant 'lr=3e-4' --variant 'lr=3e-4 motion_channels=64' --variant 'lr=2e-3'
 
-A variant is ``KEY=JSON`` words: ``lr``, ``iterations`` and ``radius`` (the first stage's), or any
+``--device`` (default: CUDA where there is one) runs the network and makes the pairs there. A variant
+is ``KEY=JSON`` words: ``lr``, ``iterations`` and ``radius`` (the first stage's), or any
 :class:`rwcflow.models.RWCNetConfig` field. Prints a Markdown table and writes JSON.
 """
 
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 from rwcflow import spatial, train
-from rwcflow.datasets import Pair, make_source
+from rwcflow.datasets import Pair, SyntheticSource, make_source
 from rwcflow.models import RWCNet, RWCNetConfig
 
 
@@ -52,9 +53,10 @@ def translated_pair(source, generator: torch.Generator, shift: float) -> Pair:
 
 
 def learning_curve(config: train.TrainConfig, variant: dict, steps: int, shift: float, window: int,
-                   seed: int = 0) -> dict:
-    """Train stage 0 of ``config`` changed by ``variant`` on translated pairs; the loss relative to the
-    zero field's, averaged over each ``window`` of steps, and the seconds per step."""
+                   device: torch.device = torch.device("cpu"), seed: int = 0) -> dict:
+    """Train stage 0 of ``config`` changed by ``variant`` on translated pairs on ``device`` (synthetic
+    pairs made there too); the loss relative to the zero field's, averaged over each ``window`` of steps,
+    and the seconds per step."""
     variant = dict(variant)
     lr = float(variant.pop("lr", config.learning_rate))
     first = {key: variant.pop(key) for key in ("iterations", "radius") if key in variant}
@@ -63,14 +65,17 @@ def learning_curve(config: train.TrainConfig, variant: dict, steps: int, shift: 
     weights = train.LossWeights(similarity=0.0, dice=0.0, keypoints=0.0, diffusion=0.0, flow=1.0)
     config = replace(config, model=network, weights=weights, amp=False)
     source = make_source(config.data)
+    if isinstance(source, SyntheticSource):
+        source = source.to(device)
     torch.manual_seed(seed)
-    model = RWCNet(network).train()
+    model = RWCNet(network).to(device).train()
     stage = model.stages[0]
     optimizer = torch.optim.Adam(stage.parameters(), lr=lr)
     ratios, start = [], time.perf_counter()
     for step in range(1, steps + 1):
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        batch = train.prepare_stage(model, 0, translated_pair(source, generator, shift), generator=generator)
+        pair = translated_pair(source, generator, shift).to(device)
+        batch = train.prepare_stage(model, 0, pair, generator=generator)
         loss, terms = train.stage_loss(train.stage_fields(model, 0, batch), batch, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -91,14 +96,16 @@ def main(argv=None) -> int:
     parser.add_argument("--window", type=int, default=50, help="steps per reported average")
     parser.add_argument("--shift", type=float, default=3.0, help="largest translation per axis, input voxels")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/learnability_cpu.json"))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = train.preset(args.preset)
+    device = train._device(args.device, 0)
     rows = []
     for text in args.variant or [""]:
-        curve = learning_curve(config, parse_variant(text), args.steps, args.shift, args.window)
+        curve = learning_curve(config, parse_variant(text), args.steps, args.shift, args.window, device)
         rows.append({"variant": text or args.preset, **curve})
         print(f"{rows[-1]['variant']}: {' '.join(f'{r:.2f}' for r in curve['relative_loss'])}", flush=True)
     steps = [min(args.steps, (i + 1) * args.window) for i in range(len(rows[0]["relative_loss"]))]
@@ -111,12 +118,12 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "preset": args.preset,
+        "torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(), "preset": args.preset,
         "steps": args.steps, "window": args.window, "shift": args.shift, "rows": rows}, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(
         f"# Learning a global translation (stage 0, endpoint-error loss relative to the zero field's)\n\n"
         f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}, {platform.platform()}, torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads; preset `{args.preset}`, translations up to "
+        f"{torch.__version__}, {device}, {torch.get_num_threads()} threads; preset `{args.preset}`, translations up to "
         f"{args.shift:g} input voxels per axis, mean over each {args.window} steps (1: nothing learned).\n\n"
         f"{table}\n")
     return 0

@@ -38,9 +38,11 @@ def test_a_translated_pair_is_the_image_shifted_by_its_true_field():
 
 def test_a_tiny_run_writes_relative_losses_per_window(tmp_path):
     out = tmp_path / "learnability.json"
-    assert learnability.main(["--preset", "tiny", "--steps", "4", "--window", "2", "--out", str(out),
+    assert learnability.main(["--preset", "tiny", "--steps", "4", "--window", "2", "--out", str(out), "--device", "cpu",
                               "--variant", "lr=3e-4", "--variant", "lr=1e-3 iterations=1 radius=1"]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu"
+    rows = result["rows"]
     assert [row["variant"] for row in rows] == ["lr=3e-4", "lr=1e-3 iterations=1 radius=1"]
     assert [row["lr"] for row in rows] == [3e-4, 1e-3]
     assert rows[1]["network"]["stages"][0]["iterations"] == 1 and rows[1]["network"]["stages"][0]["radius"] == 1
