@@ -629,22 +629,23 @@ def train(
 
 
 #: A lean network for CPU training: three stages at 1/4, 1/2 and 1 of a 2 mm input (8, 4 and 2 mm grids),
-#: few channels and GRU iterations, one patch per stage.
+#: few channels and GRU iterations, one patch per stage, the motion encoder reading the cost volume through
+#: 16 channels (through 4 the first stage learned far more slowly: benchmarks/results/learnability_cpu.md).
 CPU_NETWORK = RWCNetConfig.tiny(
     stages=(StageConfig(scale=0.25, iterations=4, radius=2), StageConfig(scale=0.5, iterations=3, radius=2),
             StageConfig(scale=1.0, iterations=1, radius=1)),
+    motion_channels=32,
 )
 
-#: A recipe that trains :data:`CPU_NETWORK` in about an hour on two CPU cores (``rwcflow-train
+#: A recipe that trains :data:`CPU_NETWORK` in under two hours on two CPU cores (``rwcflow-train
 #: --print-config cpu``): synthetic pairs from the offline fsaverage and deepmriprep anatomies at 2 mm
 #: (MNI152 held out for validation), the paper's losses plus the endpoint error to the known field, Adam
-#: with a cosine-decayed rate, two pairs per step, no dropout. Displacements reach 16 voxels (32 mm), so
-#: that the 8 mm grid of the first stage sees whole voxels of motion: with at most 6 its cost volume held
-#: almost nothing to learn from and the network left every image where the affine put it
-#: (benchmarks/results/model_cpu_displacement6.md). With 16 it learns to move them, still far less well
-#: than instance optimisation (model_cpu.md): an hour of CPU is too little, train on a GPU. Adam's rate is
-#: the paper's 3e-4: at 2e-3 (that model's) the first stage did not even learn a global translation in 300
-#: steps, at 3e-4 it does (benchmarks/results/learnability_cpu.md).
+#: at the paper's 3e-4 with a cosine-decayed rate, two pairs per step, no dropout. Displacements reach 16
+#: voxels (32 mm), so that the 8 mm grid of the first stage sees whole voxels of motion: with at most 6 its
+#: cost volume held almost nothing to learn from and the network left every image where the affine put it
+#: (benchmarks/results/model_cpu_displacement6.md); at Adam's 2e-3 the first stage did not even learn a
+#: global translation in 300 steps (benchmarks/results/learnability_cpu.md). Its model comes close to
+#: instance optimisation but does not beat it (benchmarks/results/model_cpu.md): train on a GPU.
 CPU_RECIPE = TrainConfig(
     model=CPU_NETWORK,
     data={"kind": "synthetic", "resolution_mm": 2.0, "validation_pairs": 0,
@@ -653,7 +654,7 @@ CPU_RECIPE = TrainConfig(
           "options": {"max_displacement": 16.0, "anatomy_displacement": 2.0, "real_intensity": 0.8}},
     validation_data={"kind": "synthetic", "anatomies": ["mni152"], "resolution_mm": 2.0, "validation_pairs": 2,
                      "options": {"max_displacement": 16.0, "anatomy_displacement": 2.0, "real_intensity": 1.0}},
-    steps=(400, 220, 120),
+    steps=(1200, 700, 300),
     learning_rate=3e-4,
     lr_schedule="cosine",
     weights=LossWeights(similarity=10.0, dice=1.0, keypoints=0.1, diffusion=0.1, flow=1.0),
@@ -669,8 +670,8 @@ CPU_RECIPE = TrainConfig(
 #: patches) with three-level encoders, a narrower GRU and flow head and a wider motion encoder, 2.6 M
 #: parameters (11 MB) where the paper's four-level encoders make 9.3 M (35 MB), too large to ship inside
 #: the package. The motion encoder reads the cost volume through 32 channels (``motion_channels=64``):
-#: through fewer the first stage learned a global translation more slowly, through 4 (the cpu network's)
-#: far more slowly (benchmarks/results/learnability_cpu.md).
+#: through fewer the first stage learned a global translation more slowly, through 4 far more slowly
+#: (benchmarks/results/learnability_cpu.md).
 GPU_NETWORK = RWCNetConfig(hidden_channels=32, motion_channels=64, flow_head_channels=64,
                            encoder_blocks_down=(1, 2, 2), encoder_blocks_up=(1, 1))
 
