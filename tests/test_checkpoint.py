@@ -101,6 +101,19 @@ def test_bad_model_files_give_one_clear_line(tmp_path, tiny_model):
         assert "\n" not in message, name
 
 
+def test_inference_network_on_cpu_is_channels_last_with_the_same_field(tmp_path, tiny_model, smooth_volume):
+    path = checkpoint.save_model(tiny_model, tmp_path / "model.safetensors")
+    network = checkpoint.resolve_model(str(path), device="cpu")
+    convolutions = [m.weight for m in network.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convolutions and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in convolutions)
+    fixed, moving = smooth_volume((24, 20, 16), seed=1), smooth_volume((24, 20, 16), seed=2)
+    with torch.no_grad():
+        expected = checkpoint.load_model(path)(fixed, moving).field
+        got = network(fixed, moving).field
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_resolve_model_spellings(tmp_path, tiny_model, caplog, monkeypatch):
     assert checkpoint.resolve_model(None) is None
     assert checkpoint.resolve_model("none") is None
