@@ -644,8 +644,9 @@ CPU_NETWORK = RWCNetConfig.tiny(
 #: voxels (32 mm), so that the 8 mm grid of the first stage sees whole voxels of motion: with at most 6 its
 #: cost volume held almost nothing to learn from and the network left every image where the affine put it
 #: (benchmarks/results/model_cpu_displacement6.md); at Adam's 2e-3 the first stage did not even learn a
-#: global translation in 300 steps (benchmarks/results/learnability_cpu.md). Its model comes close to
-#: instance optimisation but does not beat it (benchmarks/results/model_cpu.md): train on a GPU.
+#: global translation in 300 steps (benchmarks/results/learnability_cpu.md). Its model, with stages 1 and 2
+#: trained on (benchmarks/results/model_cpu_training/continuation.json), comes close to instance
+#: optimisation but does not beat it (benchmarks/results/model_cpu.md): train on a GPU.
 CPU_RECIPE = TrainConfig(
     model=CPU_NETWORK,
     data={"kind": "synthetic", "resolution_mm": 2.0, "validation_pairs": 0,
