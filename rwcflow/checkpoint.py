@@ -126,6 +126,6 @@ def resolve_model(spec: str | os.PathLike | RWCNet | None, *, device: str | torc
 def _for_inference(network: RWCNet, device: str | torch.device) -> RWCNet:
     """``network`` on ``device`` in eval mode; on a CPU with its convolution weights channels-last, the
     layout of oneDNN's fast 3-D convolutions (the network about 8 % faster on two cores at 2 mm, median of
-    five runs; its activations follow the weights)."""
+    five runs)."""
     layout = torch.channels_last_3d if torch.device(device).type == "cpu" else torch.preserve_format
     return network.to(device, memory_format=layout).eval()
