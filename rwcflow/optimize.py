@@ -1,7 +1,8 @@
 """Instance optimisation: Adam on a displacement field for one image pair (ConvexAdam-style).
 
 It refines the field a network predicted (``init_field``), or registers the pair on its own from zero
-through a coarse-to-fine pyramid. At each level the field lives on a control grid of every ``s``-th
+through a coarse-to-fine pyramid. When refining, the diffusion term penalises only the correction, so
+the network's own detail is kept where the images do not call for a change. At each level the field lives on a control grid of every ``s``-th
 voxel (``s = grid_factor`` at the finest level, as ConvexAdam's ``grid_sp_adam``, doubled at each
 coarser level), is smoothed by box filters at every step and scored there against descriptors or
 images box-averaged onto that grid; the result is upsampled with :func:`rwcflow.spatial.resize_field`.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,10 @@ Tensor = torch.Tensor
 #: lambda of 1.25 in this module's normalisation (means over the 12 channels and the 3 axes, not sums);
 #: the others were tuned on synthetic deformations of the MNI152 brain at 2 mm.
 DEFAULT_REGULARIZATION = {"mind": 0.3, "ncc": 0.5, "mse": 0.03}
+#: Diffusion weight of each similarity when it penalises only the correction of an initial field
+#: (``regularize_correction``), tuned on held-out synthetic deformations of MNI152 at 2 mm refining the
+#: fields of the ``cpu`` model (``benchmarks/results/model_cpu.md``).
+REFINEMENT_REGULARIZATION = {"mind": 1.0, "ncc": 1.5, "mse": 0.1}
 SIMILARITIES = tuple(DEFAULT_REGULARIZATION)
 INTERPOLATIONS = ("linear", "bspline")
 
@@ -48,7 +53,8 @@ class InstanceOptimization:
       cross-correlation) or ``"mse"`` (intensities).
     * ``regularization``: weight of the diffusion term (:func:`rwcflow.losses.diffusion_loss` of the
       field on the control grid, in control-grid voxels; of the velocity when diffeomorphic); ``None``:
-      the similarity's default (:data:`DEFAULT_REGULARIZATION`).
+      the similarity's default (:data:`DEFAULT_REGULARIZATION`, or :data:`REFINEMENT_REGULARIZATION`
+      when the correction is penalised).
     * ``grid_factor``: fixed voxels per control-grid voxel at the finest level (2: half resolution,
       as ConvexAdam; 1: full resolution).
     * ``pyramid_levels``: levels when starting from zero, each twice as coarse as the next; with an
@@ -57,6 +63,9 @@ class InstanceOptimization:
       of the keypoint-distance term in mm (when keypoints are given).
     * ``diffeomorphic``: optimise a stationary velocity, integrated by scaling and squaring and
       applied before the initial field, so that the result folds no more than ``init_field`` does.
+    * ``regularize_correction``: the diffusion term penalises the correction only, not the whole
+      field, so that an initial field keeps its own detail (always so when ``diffeomorphic``);
+      ``None``: when an ``init_field`` is refined.
     * ``smoothing``: passes of a 3-voxel box filter over the control field at every step.
     * ``interpolation``: how the moving image (or descriptors) is sampled on the control grid:
       ``"linear"`` (trilinear) or ``"bspline"`` (the cubic B-spline kernel, the fixed image filtered
@@ -72,6 +81,7 @@ class InstanceOptimization:
     label_weight: float = 0.1
     keypoint_weight: float = 0.01
     diffeomorphic: bool = False
+    regularize_correction: bool | None = None
     smoothing: int = 3
     interpolation: str = "linear"
 
@@ -80,14 +90,20 @@ class InstanceOptimization:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
-        if self.regularization is None:
-            self.regularization = DEFAULT_REGULARIZATION[self.similarity]
         if self.iterations < 0 or self.pyramid_levels < 1 or self.smoothing < 0:
             raise ValueError("iterations and smoothing must be >= 0 and pyramid_levels >= 1")
         if int(self.grid_factor) != self.grid_factor or self.grid_factor < 1 or self.learning_rate <= 0:
             raise ValueError("grid_factor must be a whole number >= 1 and learning_rate > 0")
-        if min(self.regularization, self.label_weight, self.keypoint_weight) < 0:
+        if min(self.regularization or 0.0, self.label_weight, self.keypoint_weight) < 0:
             raise ValueError("loss weights must be >= 0")
+
+    def resolved(self, refining: bool) -> InstanceOptimization:
+        """These options with ``regularize_correction`` and ``regularization`` chosen for a run that
+        refines an initial field (``refining``) or starts from zero."""
+        correction = refining if self.regularize_correction is None else self.regularize_correction
+        table = REFINEMENT_REGULARIZATION if correction else DEFAULT_REGULARIZATION
+        weight = table[self.similarity] if self.regularization is None else self.regularization
+        return replace(self, regularize_correction=correction, regularization=weight)
 
 
 @dataclass
@@ -207,8 +223,9 @@ def _optimise_level(
     for _ in range(options.iterations):
         correction = spatial.box_smooth(parameter, options.smoothing)
         field = _combine(correction, init, options.diffeomorphic)
-        # The diffusion term smooths the whole field, or the velocity of a diffeomorphic correction.
-        loss = _loss(field, correction if options.diffeomorphic else field, level, options)
+        # The diffusion term smooths the whole field, or the correction (the velocity if diffeomorphic).
+        penalized = correction if options.diffeomorphic or options.regularize_correction else field
+        loss = _loss(field, penalized, level, options)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -267,7 +284,7 @@ def instance_optimize(
     paired by row; batch of one) add a distance term, in mm with ``spacing`` (the fixed voxel sizes).
     ``progress(done, total, loss)`` is called after every step.
     """
-    options = options or InstanceOptimization()
+    options = (options or InstanceOptimization()).resolved(refining=init_field is not None)
     _check(fixed, moving, (fixed_labels, moving_labels), (fixed_keypoints, moving_keypoints),
            init_field=init_field, fixed_mask=fixed_mask)
     levels = 1 if init_field is not None else options.pyramid_levels

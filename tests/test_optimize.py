@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from rwcflow import spatial
-from rwcflow.optimize import DEFAULT_REGULARIZATION, InstanceOptimization, instance_optimize
+from rwcflow.optimize import DEFAULT_REGULARIZATION, REFINEMENT_REGULARIZATION, InstanceOptimization, instance_optimize
 
 SHAPE = (40, 48, 40)  # the MNI152 brain at 4 mm, cropped
 
@@ -128,10 +128,12 @@ def test_refinement_from_a_good_start_improves_it(case):
     print(f"endpoint error {before:.2f} -> {after:.2f} voxels")
     assert after < 0.6 * before
     assert torch.all(_dice(field, case) > _dice(start, case) + 0.02)
-    # From the answer itself it settles at the same optimum: warped MIND descriptors are not the
-    # descriptors of the warped image, which at 4 mm costs about half a voxel.
-    exact = instance_optimize(case["fixed"], case["moving"], options, init_field=case["truth"])
-    assert abs(_endpoint_error(exact, case) - after) < 0.05
+    # From the answer itself it drifts: warped MIND descriptors are not the descriptors of the warped
+    # image, which at 4 mm costs about a quarter of a voxel (less than from half way, since only the
+    # correction is penalised).
+    exact = _endpoint_error(instance_optimize(case["fixed"], case["moving"], options, init_field=case["truth"]), case)
+    print(f"from the answer: {exact:.2f} voxels")
+    assert exact < min(0.35, after)
 
 
 @pytest.mark.parametrize(("similarity", "iterations"), [("ncc", 15), ("mse", 30)])
@@ -166,6 +168,23 @@ def test_refinement_keeps_an_exact_start(case):
     unchanged = instance_optimize(case["fixed"], case["moving"], InstanceOptimization(iterations=0),
                                   init_field=case["truth"])
     assert torch.allclose(unchanged, case["truth"], atol=1e-5)
+
+
+def test_regularizing_the_correction_keeps_a_start_that_a_field_regularizer_shrinks(case):
+    """From the exact answer, with intensities and a strong diffusion weight: penalising the whole field
+    shrinks it away from the answer, penalising only the correction (the default when refining) keeps it."""
+    errors = {}
+    for correction in (False, True):
+        options = InstanceOptimization(similarity="mse", iterations=40, regularization=3.0,
+                                       regularize_correction=correction)
+        field = instance_optimize(case["fixed"], case["moving"], options, init_field=case["truth"])
+        errors[correction] = _endpoint_error(field, case)
+    default = instance_optimize(case["fixed"], case["moving"], InstanceOptimization(similarity="mse", iterations=40,
+                                regularization=3.0), init_field=case["truth"])
+    print(f"endpoint error from the answer: whole field penalised {errors[False]:.3f}, correction "
+          f"{errors[True]:.3f} voxels")
+    assert errors[True] < 0.15 and errors[False] > 2 * errors[True]
+    assert _endpoint_error(default, case) == pytest.approx(errors[True], abs=1e-6)
 
 
 def _ball(shape, centre, radius: float) -> torch.Tensor:
@@ -239,8 +258,13 @@ def test_options_are_checked():
         InstanceOptimization(grid_factor=1.5)
     with pytest.raises(ValueError, match="interpolation"):
         InstanceOptimization(interpolation="cubic")
-    assert InstanceOptimization(similarity="mse").regularization == DEFAULT_REGULARIZATION["mse"]
-    assert InstanceOptimization(similarity="mse", regularization=0.0).regularization == 0.0
+    with pytest.raises(ValueError, match="weights"):
+        InstanceOptimization(regularization=-1.0)
+    from_zero, refining = (InstanceOptimization(similarity="mse").resolved(r) for r in (False, True))
+    assert (from_zero.regularize_correction, from_zero.regularization) == (False, DEFAULT_REGULARIZATION["mse"])
+    assert (refining.regularize_correction, refining.regularization) == (True, REFINEMENT_REGULARIZATION["mse"])
+    chosen = InstanceOptimization(regularization=0.0, regularize_correction=False).resolved(True)
+    assert (chosen.regularize_correction, chosen.regularization) == (False, 0.0)
     flat = torch.zeros(1, 1, 8, 8, 8)
     with pytest.raises(ValueError, match="both images"):
         instance_optimize(flat, flat, fixed_labels=torch.zeros(1, 2, 8, 8, 8))
