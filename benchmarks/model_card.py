@@ -6,6 +6,10 @@ in its metadata), the training run folder of ``rwcflow-train`` (``config.json`` 
 
     python -m benchmarks.model_card --model RUN/model.safetensors --run RUN \\
         --bench benchmarks/results/model_gpu.json --out rwcflow/data/default.md
+
+A model trained on from an earlier one (``rwcflow-train ... --stages 1 2 --init-model``) gives every run
+folder, in training order (``--run FIRST --run SECOND``; the config shown is the last run's, the
+model's), and ``--history`` a Markdown file saying how the runs were chained, with their commands.
 """
 
 from __future__ import annotations
@@ -28,19 +32,28 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def stage_logs(run: Path, stages: int) -> list[dict]:
-    """Per stage: steps trained, seconds, and the first and last validation rows of its ``log.csv``."""
+def stage_logs(runs: list[Path], stages: int) -> list[dict]:
+    """Per run folder and stage it trained (``stage{k}/log.csv``), in order: the run's number, the stage,
+    steps trained, seconds, and the first and last validation rows. Every stage must be trained by one run."""
     found = []
     for k in range(stages):
-        with open(run / f"stage{k}" / "log.csv", newline="") as handle:
-            rows = list(csv.DictReader(handle))
+        trained = [(i, run / f"stage{k}" / "log.csv") for i, run in enumerate(runs, start=1)]
+        trained = [(i, log) for i, log in trained if log.is_file()]
+        if not trained:
+            raise ValueError(f"no run folder has stage {k}'s log (stage{k}/log.csv)")
+        found += [_stage_log(i, k, log) for i, log in trained]
+    return found
+
+
+def _stage_log(run: int, stage: int, log: Path) -> dict:
+    with open(log, newline="") as handle:
+        rows = list(csv.DictReader(handle))
         train_rows = [r for r in rows if r["split"] == "train"]
         validation = [r for r in rows if r["split"] == "val"]
-        found.append({"steps": int(train_rows[-1]["step"]) if train_rows else 0,
-                      "seconds": float(rows[-1]["seconds"]) if rows else 0.0,
-                      "first_validation": validation[0] if validation else None,
-                      "last_validation": validation[-1] if validation else None})
-    return found
+    return {"run": run, "stage": stage, "steps": int(train_rows[-1]["step"]) if train_rows else 0,
+            "seconds": float(rows[-1]["seconds"]) if rows else 0.0,
+            "first_validation": validation[0] if validation else None,
+            "last_validation": validation[-1] if validation else None}
 
 
 def _value(row: dict | None, name: str, digits: int) -> str:
@@ -72,11 +85,12 @@ def _training_section(config: TrainConfig, logs: list[dict], provenance: dict) -
              f"loss weights: {weights}; patch fraction per stage {config.train_patch_fraction}; "
              f"mixed precision {config.amp}; seed {config.seed}; {provenance.get('world_size', 1)} process(es); "
              f"rwcflow {provenance.get('rwcflow_version', '?')}.", "",
-             "| stage | steps | minutes | validation EPE (mm), first → last | Dice, first → last |",
-             "|---|---|---|---|---|"]
-    for k, log in enumerate(logs):
+             "| run | stage | steps | minutes | validation EPE (mm), first → last | Dice, first → last |",
+             "|---|---|---|---|---|---|"]
+    for log in logs:
         first, last = log["first_validation"], log["last_validation"]
-        lines.append(f"| {k} | {log['steps']} | {log['seconds'] / 60:.1f} | {_value(first, 'epe_mm', 2)} → "
+        lines.append(f"| {log['run']} | {log['stage']} | {log['steps']} | {log['seconds'] / 60:.1f} | "
+                     f"{_value(first, 'epe_mm', 2)} → "
                      f"{_value(last, 'epe_mm', 2)} | {_value(first, 'dice', 3)} → {_value(last, 'dice', 3)} |")
     return lines
 
@@ -96,13 +110,13 @@ def _benchmark_section(bench: dict) -> list[str]:
                     *verdict_lines(bench["verdict"])]
 
 
-def model_card(model: Path, run: Path, bench: dict) -> str:
+def model_card(model: Path, runs: list[Path], bench: dict, history: str | None = None) -> str:
     """The model card in Markdown (see the module docstring)."""
     metadata = read_metadata(model)
     network = RWCNetConfig.from_dict(metadata["config"])
     provenance = metadata["provenance"]
-    config = load_config(run / "config.json")
-    logs = stage_logs(run, len(network.stages))
+    config = load_config(runs[-1] / "config.json")
+    logs = stage_logs(runs, len(network.stages))
     parameters = sum(p.numel() for p in RWCNet(network).parameters())
     digest = file_digest(model)
     if bench["model"].get("sha256") != digest:
@@ -118,23 +132,29 @@ def model_card(model: Path, run: Path, bench: dict) -> str:
              *_network_section(network, parameters), "",
              *_training_section(config, logs, provenance), "",
              *_benchmark_section(bench), "",
-             "## Reproduce", "",
-             "    rwcflow-train --print-config default > config.json   # this model's training config",
-             "    rwcflow-train config.json run/ [--time-limit MINUTES]   # resumable; exit status 75: run again",
-             "    python -m benchmarks.bench_model --model run/model.safetensors --device cuda --out bench.json",
-             "    python -m benchmarks.model_card --model run/model.safetensors --run run/ --bench bench.json "
-             "--out card.md", ""]
+             "## Reproduce", ""]
+    if history:
+        lines += [history.strip(), ""]
+    else:
+        lines += ["    rwcflow-train --print-config default > config.json   # this model's training config",
+                  "    rwcflow-train config.json run/ [--time-limit MINUTES]   # resumable; exit status 75: run again",
+                  "    python -m benchmarks.bench_model --model run/model.safetensors --device cuda --out bench.json",
+                  "    python -m benchmarks.model_card --model run/model.safetensors --run run/ --bench bench.json "
+                  "--out card.md", ""]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="the model file")
-    parser.add_argument("--run", type=Path, required=True, help="its rwcflow-train run folder")
+    parser.add_argument("--run", type=Path, required=True, action="append",
+                        help="its rwcflow-train run folder (repeated, in order, for a model trained on from another)")
     parser.add_argument("--bench", type=Path, required=True, help="bench_model's JSON for the model")
+    parser.add_argument("--history", type=Path, help="Markdown: how several runs were chained, with their commands")
     parser.add_argument("--out", type=Path, required=True, help="the card, Markdown")
     args = parser.parse_args(argv)
-    text = model_card(args.model, args.run, json.loads(args.bench.read_text()))
+    history = args.history.read_text() if args.history else None
+    text = model_card(args.model, args.run, json.loads(args.bench.read_text()), history)
     atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
     print(text)
     return 0

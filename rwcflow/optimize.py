@@ -1,8 +1,9 @@
 """Instance optimisation: Adam on a displacement field for one image pair (ConvexAdam-style).
 
 It refines the field a network predicted (``init_field``), or registers the pair on its own from zero
-through a coarse-to-fine pyramid. When refining, the diffusion term penalises only the correction, so
-the network's own detail is kept where the images do not call for a change. At each level the field lives on a control grid of every ``s``-th
+through a coarse-to-fine pyramid. When refining, it works on a finer control grid for fewer steps and the
+diffusion term penalises only the correction, so the network's own detail is kept where the images do
+not call for a change (:data:`REFINING`). At each level the field lives on a control grid of every ``s``-th
 voxel (``s = grid_factor`` at the finest level, as ConvexAdam's ``grid_sp_adam``, doubled at each
 coarser level), is smoothed by box filters at every step and scored there against descriptors or
 images box-averaged onto that grid; the result is upsampled with :func:`rwcflow.spatial.resize_field`.
@@ -37,6 +38,11 @@ DEFAULT_REGULARIZATION = {"mind": 0.3, "ncc": 0.5, "mse": 0.03}
 #: (``benchmarks/results/model_cpu.md``) on synthetic deformations of MNI152 at 2 mm other than the
 #: benchmark's; MSE's is its default scaled as MIND-SSC's is.
 REFINEMENT_REGULARIZATION = {"mind": 1.0, "ncc": 4.0, "mse": 0.1}
+#: The options left ``None`` when starting from zero (ConvexAdam's) and when refining an initial field
+#: (tuned with MIND-SSC as :data:`REFINEMENT_REGULARIZATION`: a network's field is refined best at full
+#: resolution, where a few steps suffice).
+FROM_ZERO = {"iterations": 80, "grid_factor": 2, "regularize_correction": False}
+REFINING = {"iterations": 20, "grid_factor": 1, "regularize_correction": True}
 SIMILARITIES = tuple(DEFAULT_REGULARIZATION)
 INTERPOLATIONS = ("linear", "bspline")
 
@@ -46,7 +52,8 @@ _MARGIN = 4
 
 @dataclass
 class InstanceOptimization:
-    """Options of :func:`instance_optimize`; the defaults suit brain MRI at 1-2 mm.
+    """Options of :func:`instance_optimize`; the defaults suit brain MRI at 1-2 mm. Options left ``None``
+    take the values of :data:`FROM_ZERO` or :data:`REFINING` (see :meth:`resolved`).
 
     * ``iterations``: Adam steps per pyramid level.
     * ``learning_rate``: Adam's initial step, in control-grid voxels (cosine-decayed to 0 over a level).
@@ -57,7 +64,7 @@ class InstanceOptimization:
       the similarity's default (:data:`DEFAULT_REGULARIZATION`, or :data:`REFINEMENT_REGULARIZATION`
       when the correction is penalised).
     * ``grid_factor``: fixed voxels per control-grid voxel at the finest level (2: half resolution,
-      as ConvexAdam; 1: full resolution).
+      as ConvexAdam, from zero; 1: full resolution, when refining).
     * ``pyramid_levels``: levels when starting from zero, each twice as coarse as the next; with an
       ``init_field`` only the finest level runs.
     * ``label_weight``, ``keypoint_weight``: weights of the soft-Dice term (when labels are given) and
@@ -73,11 +80,11 @@ class InstanceOptimization:
       by the same kernel; see :func:`rwcflow.spatial.bspline_sample`), which sub-voxel changes need.
     """
 
-    iterations: int = 80
+    iterations: int | None = None
     learning_rate: float = 1.0
     similarity: str = "mind"
     regularization: float | None = None
-    grid_factor: int = 2
+    grid_factor: int | None = None
     pyramid_levels: int = 3
     label_weight: float = 0.1
     keypoint_weight: float = 0.01
@@ -91,20 +98,24 @@ class InstanceOptimization:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
-        if self.iterations < 0 or self.pyramid_levels < 1 or self.smoothing < 0:
+        if (self.iterations or 0) < 0 or self.pyramid_levels < 1 or self.smoothing < 0:
             raise ValueError("iterations and smoothing must be >= 0 and pyramid_levels >= 1")
-        if int(self.grid_factor) != self.grid_factor or self.grid_factor < 1 or self.learning_rate <= 0:
+        factor = self.grid_factor
+        if (factor is not None and (int(factor) != factor or factor < 1)) or self.learning_rate <= 0:
             raise ValueError("grid_factor must be a whole number >= 1 and learning_rate > 0")
         if min(self.regularization or 0.0, self.label_weight, self.keypoint_weight) < 0:
             raise ValueError("loss weights must be >= 0")
 
     def resolved(self, refining: bool) -> InstanceOptimization:
-        """These options with ``regularize_correction`` and ``regularization`` chosen for a run that
-        refines an initial field (``refining``) or starts from zero."""
-        correction = refining if self.regularize_correction is None else self.regularize_correction
-        table = REFINEMENT_REGULARIZATION if correction else DEFAULT_REGULARIZATION
+        """These options with those left ``None`` chosen for a run that refines an initial field
+        (``refining``: :data:`REFINING`) or starts from zero (:data:`FROM_ZERO`); the diffusion weight
+        from :data:`REFINEMENT_REGULARIZATION` when the correction is penalised, else
+        :data:`DEFAULT_REGULARIZATION`."""
+        defaults = REFINING if refining else FROM_ZERO
+        chosen = {name: value if getattr(self, name) is None else getattr(self, name) for name, value in defaults.items()}
+        table = REFINEMENT_REGULARIZATION if chosen["regularize_correction"] else DEFAULT_REGULARIZATION
         weight = table[self.similarity] if self.regularization is None else self.regularization
-        return replace(self, regularize_correction=correction, regularization=weight)
+        return replace(self, regularization=weight, **chosen)
 
 
 @dataclass

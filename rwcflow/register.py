@@ -208,6 +208,8 @@ def register(
     fixed_points, moving_points = _load_keypoints(fixed_keypoints), _load_keypoints(moving_keypoints)
     network = resolve_model(model, device=device)
     options = _options(instance_optimization)
+    if options is not None:
+        options = options.resolved(refining=network is not None)
 
     start = time.perf_counter()
     if isinstance(affine, np.ndarray):
@@ -239,7 +241,8 @@ def register(
 
     start = time.perf_counter()
     if options is not None:
-        say(f"instance optimisation ({options.iterations} Adam steps per level)")
+        say(f"instance optimisation ({options.iterations} Adam steps per level, control grid of "
+            f"{options.grid_factor} voxels)")
         guide = {}
         if label_guided and fixed_labels is not None and moving_labels is not None:
             values = [int(v) for v in np.intersect1d(fixed_labels.data, moving_labels.data) if v != 0]

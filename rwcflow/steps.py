@@ -51,9 +51,10 @@ def instance_optimization_options(io_iters: int | None = None, io_grid_factor: i
                                   io_interpolation: str | None = None) -> InstanceOptimization | bool:
     """:func:`~rwcflow.register.register`'s ``instance_optimization`` for ``io_iters`` Adam steps per level
     (``None``: the default; 0: off) on a control grid of ``io_grid_factor`` fixed voxels per control voxel
-    (``None``: the default, 2; 1 resolves small local changes), with ``io_similarity`` (``"mind"``,
-    ``"ncc"``, ``"mse"``), ``io_regularization`` and ``io_interpolation`` (``"linear"``, ``"bspline"``)
-    as :class:`~rwcflow.optimize.InstanceOptimization` (``None``: its defaults)."""
+    (``None``: the default, 2 from zero, 1 refining a network's field; 1 resolves small local changes),
+    with ``io_similarity`` (``"mind"``, ``"ncc"``, ``"mse"``), ``io_regularization`` and
+    ``io_interpolation`` (``"linear"``, ``"bspline"``) as :class:`~rwcflow.optimize.InstanceOptimization`
+    (``None``: its defaults)."""
     if io_iters == 0:
         return False
     chosen = (("iterations", io_iters), ("grid_factor", io_grid_factor), ("similarity", io_similarity),

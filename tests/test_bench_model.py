@@ -4,6 +4,7 @@ tiny model trained, benchmarked on coarse cases and described by its card."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -66,16 +67,31 @@ def test_bench_and_card_of_a_trained_model(tiny_run, tmp_path, capsys, monkeypat
     for r in bench["summary"]:  # every method's means, as benchmarked
         assert f"| {r['method']} | {r['epe_mm']:.2f} | {r['epe95_mm']:.2f} | {r['dice']:.3f} |" in card
     assert all(line in card for line in bench_model.verdict_lines(bench["verdict"]))
-    logs = model_card.stage_logs(run, 3)
-    assert [log["steps"] for log in logs] == [3, 2, 2]
+    logs = model_card.stage_logs([run], 3)
+    assert [(log["run"], log["stage"], log["steps"]) for log in logs] == [(1, 0, 3), (1, 1, 2), (1, 2, 2)]
     assert float(logs[0]["last_validation"]["epe_mm"]) > 0
-    for k, log in enumerate(logs):
-        assert f"| {k} | {log['steps']} | {log['seconds'] / 60:.1f} |" in card
+    for log in logs:
+        assert f"| 1 | {log['stage']} | {log['steps']} | {log['seconds'] / 60:.1f} |" in card
     assert '"resolution_mm": 10.0' in card and "| 2 | 1 | 2 | 1 | 2 |" in card  # data; the third stage
+    assert "rwcflow-train config.json run/" in card
+
+    # a model trained on from another: stage 2 of a second run, that run's history instead of one command
+    again = tmp_path / "again"
+    shutil.copytree(run / "stage2", again / "stage2")
+    shutil.copy(run / "config.json", again / "config.json")
+    history = tmp_path / "history.md"
+    history.write_text("    rwcflow-train second.json again --stages 2 --init-model run/model.safetensors\n")
+    assert model_card.main(["--model", str(model), "--run", str(run), "--run", str(again), "--bench", str(out),
+                            "--history", str(history), "--out", str(card_path)]) == 0
+    card = card_path.read_text()
+    assert "| 2 | 2 | 2 |" in card and "--init-model run/model.safetensors" in card
+    assert "rwcflow-train config.json run/" not in card
+    with pytest.raises(ValueError, match="stage 0"):
+        model_card.stage_logs([again], 3)
 
     bench["model"]["sha256"] = "0" * 64
     with pytest.raises(ValueError, match="another model file"):
-        model_card.model_card(model, run, bench)
+        model_card.model_card(model, [run], bench)
 
     # the shipped model's training config, printed for a re-run
     assert training.main(["--print-config", "default"]) == (0 if training.default_model_path() else 2)

@@ -128,3 +128,19 @@ def test_resolve_model_spellings(tmp_path, tiny_model, caplog, monkeypatch):
         assert sum("instance optimisation alone" in r.message for r in caplog.records) == 1
     else:
         assert isinstance(checkpoint.resolve_model("default"), RWCNet)
+
+
+def test_the_shipped_model_loads_safely_and_runs_all_three_stages(smooth_volume):
+    """The default model inside the package (rwcflow/data/default.safetensors, its card beside it) loads
+    from safetensors alone and runs its three stages on a small pair, each stage on its own grid."""
+    path = checkpoint.default_model_path()
+    assert path is not None and path.with_suffix(".md").is_file()
+    network = checkpoint.resolve_model("default")
+    assert isinstance(network, RWCNet) and len(network.stages) == 3
+    fixed, moving = smooth_volume((32, 32, 32), seed=1), smooth_volume((32, 32, 32), seed=2)
+    with torch.no_grad():
+        output = network(fixed, moving, return_hidden=False)
+    grids = [tuple(stage.field.shape[2:]) for stage in output.stages]
+    assert grids == [(8, 8, 8), (16, 16, 16), (32, 32, 32)]
+    assert output.field.shape == (1, 3, 32, 32, 32) and torch.isfinite(output.field).all()
+    assert output.field.abs().max() > 0.01

@@ -261,10 +261,12 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="weights"):
         InstanceOptimization(regularization=-1.0)
     from_zero, refining = (InstanceOptimization(similarity="mse").resolved(r) for r in (False, True))
-    assert (from_zero.regularize_correction, from_zero.regularization) == (False, DEFAULT_REGULARIZATION["mse"])
-    assert (refining.regularize_correction, refining.regularization) == (True, REFINEMENT_REGULARIZATION["mse"])
-    chosen = InstanceOptimization(regularization=0.0, regularize_correction=False).resolved(True)
-    assert (chosen.regularize_correction, chosen.regularization) == (False, 0.0)
+    assert (from_zero.iterations, from_zero.grid_factor, from_zero.regularize_correction) == (80, 2, False)
+    assert from_zero.regularization == DEFAULT_REGULARIZATION["mse"]
+    assert (refining.iterations, refining.grid_factor, refining.regularize_correction) == (20, 1, True)
+    assert refining.regularization == REFINEMENT_REGULARIZATION["mse"]
+    chosen = InstanceOptimization(iterations=5, grid_factor=2, regularization=0.0, regularize_correction=False)
+    assert chosen.resolved(True) == chosen
     flat = torch.zeros(1, 1, 8, 8, 8)
     with pytest.raises(ValueError, match="both images"):
         instance_optimize(flat, flat, fixed_labels=torch.zeros(1, 2, 8, 8, 8))
