@@ -137,7 +137,8 @@ def verdict_lines(rule: dict) -> list[str]:
             f"- so the model {'meets' if rule['ships'] else 'does not meet'} the rule to ship as `--model default`"]
 
 
-def _fmt(value, digits=2) -> str:
+def format_value(value, digits: int = 2) -> str:
+    """``value`` with ``digits`` decimals, or "–" when missing."""
     return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
 
 
@@ -145,16 +146,16 @@ def table(records: list[dict]) -> str:
     lines = ["| case | method | EPE mean (mm) | EPE p95 (mm) | Dice | SDlogJ | folding (%) | network (s) | IO (s) | wall (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
-        lines.append(f"| {r['case']} | {r['method']} | {_fmt(r.get('epe_mm'))} | {_fmt(r.get('epe95_mm'))} | "
-                     f"{_fmt(r['dice'], 3)} | {_fmt(r['sdlogj'], 3)} | {_fmt(r['folding_percent'], 3)} | "
-                     f"{_fmt(r['network_s'])} | {_fmt(r['instance_optimization_s'])} | {_fmt(r['wall_s'])} |")
+        lines.append(f"| {r['case']} | {r['method']} | {format_value(r.get('epe_mm'))} | {format_value(r.get('epe95_mm'))} | "
+                     f"{format_value(r['dice'], 3)} | {format_value(r['sdlogj'], 3)} | {format_value(r['folding_percent'], 3)} | "
+                     f"{format_value(r['network_s'])} | {format_value(r['instance_optimization_s'])} | {format_value(r['wall_s'])} |")
     lines += ["", "Means (EPE over the cases with a known mapping; Dice and times over all cases):", "",
               "| method | EPE mean (mm) | EPE p95 (mm) | Dice | network (s) | IO (s) | wall (s) |",
               "|---|---|---|---|---|---|---|"]
     summary = _summary(records)
     for r in summary:
-        lines.append(f"| {r['method']} | {_fmt(r['epe_mm'])} | {_fmt(r['epe95_mm'])} | {_fmt(r['dice'], 3)} | "
-                     f"{_fmt(r['network_s'])} | {_fmt(r['io_s'])} | {_fmt(r['wall_s'])} |")
+        lines.append(f"| {r['method']} | {format_value(r['epe_mm'])} | {format_value(r['epe95_mm'])} | {format_value(r['dice'], 3)} | "
+                     f"{format_value(r['network_s'])} | {format_value(r['io_s'])} | {format_value(r['wall_s'])} |")
     lines += ["", "Shipping rule (EPE lower and Dice not lower on these means):", "", *verdict_lines(verdict(summary))]
     return "\n".join(lines)
 

@@ -20,7 +20,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from benchmarks.bench_model import verdict_lines
+from benchmarks.bench_model import METHODS, format_value, verdict_lines
 from rwcflow.checkpoint import read_metadata
 from rwcflow.io import atomic_write
 from rwcflow.models import RWCNet, RWCNetConfig
@@ -106,8 +106,15 @@ def _benchmark_section(bench: dict) -> list[str]:
     for r in bench["summary"]:
         lines.append(f"| {r['method']} | {r['epe_mm']:.2f} | {r['epe95_mm']:.2f} | {r['dice']:.3f} | "
                      f"{r['network_s']:.2f} | {r['io_s']:.2f} | {r['wall_s']:.2f} |")
-    return lines + ["", "Shipping rule (EPE lower and Dice not lower on these means):", "",
-                    *verdict_lines(bench["verdict"])]
+    lines += ["", "Shipping rule (EPE lower and Dice not lower on these means):", "",
+              *verdict_lines(bench["verdict"]), "", "Per case (EPE mean in mm / Dice / wall time in s):", "",
+              "| case | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
+    for case in dict.fromkeys(r["case"] for r in bench["records"]):
+        found = {r["method"]: r for r in bench["records"] if r["case"] == case}
+        cells = [f"{format_value(r.get('epe_mm'))} / {format_value(r['dice'], 3)} / {format_value(r['wall_s'], 1)}"
+                 for r in (found[m] for m in METHODS)]
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def model_card(model: Path, runs: list[Path], bench: dict, history: str | None = None) -> str:

@@ -67,6 +67,8 @@ def test_bench_and_card_of_a_trained_model(tiny_run, tmp_path, capsys, monkeypat
     for r in bench["summary"]:  # every method's means, as benchmarked
         assert f"| {r['method']} | {r['epe_mm']:.2f} | {r['epe95_mm']:.2f} | {r['dice']:.3f} |" in card
     assert all(line in card for line in bench_model.verdict_lines(bench["verdict"]))
+    example = {r["method"]: r for r in bench["records"] if r["case"] == "example"}
+    assert f"| example | {example['affine']['epe_mm']:.2f} / {example['affine']['dice']:.3f} /" in card
     logs = model_card.stage_logs([run], 3)
     assert [(log["run"], log["stage"], log["steps"]) for log in logs] == [(1, 0, 3), (1, 1, 2), (1, 2, 2)]
     assert float(logs[0]["last_validation"]["epe_mm"]) > 0
