@@ -114,8 +114,8 @@ Structural images were processed with rwcflow {rwcflow_version()}, a BIDS App (G
 registers images with the Recurrence With Correlation Network (RWCNet; Sivan et al., 2023), a coarse-to-fine
 network that refines a displacement field recurrently from local correlation cost volumes, after the manner
 of RAFT (Teed and Deng, 2020), and refines the field by instance optimisation (Adam on a MIND-SSC similarity
-with a diffusion regulariser on the correction, as in ConvexAdam; Heinrich et al., 2013; Siebert et al., 2022). The options of
-this run are listed in the reports and in the derivatives' JSON sidecars (key `rwcflow`).
+with a diffusion regulariser on the correction, as in ConvexAdam; Heinrich et al., 2013; Siebert et al.,
+2022). The options of this run are listed in the reports and in the derivatives' JSON sidecars (key `rwcflow`).
 
 For each participant with several sessions, an unbiased within-subject template was built by iterative
 groupwise registration of all sessions (register every session to the current template, average, remove

@@ -34,9 +34,9 @@ Tensor = torch.Tensor
 #: the others were tuned on synthetic deformations of the MNI152 brain at 2 mm.
 DEFAULT_REGULARIZATION = {"mind": 0.3, "ncc": 0.5, "mse": 0.03}
 #: Diffusion weight of each similarity when it penalises only the correction of an initial field
-#: (``regularize_correction``). MIND-SSC's and NCC's were tuned refining the ``cpu`` model's fields
-#: (``benchmarks/results/model_cpu.md``) on synthetic deformations of MNI152 at 2 mm other than the
-#: benchmark's; MSE's is its default scaled as MIND-SSC's is.
+#: (``regularize_correction``), tuned refining networks' fields on synthetic deformations of MNI152 at
+#: 2 mm other than the benchmark's: MIND-SSC's on both control grids (0.5 and 2.0 did worse), NCC's on
+#: the half-resolution one only; MSE's is its default scaled as MIND-SSC's is, untuned.
 REFINEMENT_REGULARIZATION = {"mind": 1.0, "ncc": 4.0, "mse": 0.1}
 #: The options left ``None`` when starting from zero (ConvexAdam's) and when refining an initial field
 #: (tuned with MIND-SSC as :data:`REFINEMENT_REGULARIZATION`: a network's field is refined best at full
@@ -112,7 +112,8 @@ class InstanceOptimization:
         from :data:`REFINEMENT_REGULARIZATION` when the correction is penalised, else
         :data:`DEFAULT_REGULARIZATION`."""
         defaults = REFINING if refining else FROM_ZERO
-        chosen = {name: value if getattr(self, name) is None else getattr(self, name) for name, value in defaults.items()}
+        chosen = {name: default if getattr(self, name) is None else getattr(self, name)
+                  for name, default in defaults.items()}
         table = REFINEMENT_REGULARIZATION if chosen["regularize_correction"] else DEFAULT_REGULARIZATION
         weight = table[self.similarity] if self.regularization is None else self.regularization
         return replace(self, regularization=weight, **chosen)

@@ -54,9 +54,9 @@ def Register(fixed: File, moving: File, model: str = "default", io_iters: int | 
     (ITK text transform) and, with label maps, ``warped_labels`` and ``metrics`` (JSON), each named after
     the moving image. ``io_iters`` is the instance-optimisation iterations (``None``: the default; 0: off)
     and ``io_grid_factor`` its fixed voxels per control-grid voxel (``None``: the default, 2 from zero, 1
-    refining a network's field; 1 resolves small local changes); ``io_similarity``, ``io_regularization``, ``io_interpolation``: as
-    :class:`rwcflow.optimize.InstanceOptimization` (``None``: its defaults); ``device="auto"`` picks
-    CUDA when the job's machine has it.
+    refining a network's field; 1 resolves small local changes); ``io_similarity``, ``io_regularization``,
+    ``io_interpolation``: as :class:`rwcflow.optimize.InstanceOptimization` (``None``: its defaults);
+    ``device="auto"`` picks CUDA when the job's machine has it.
     """
     written = steps.register_files(
         fixed, moving, Path.cwd(), model=model, io_iters=io_iters, io_grid_factor=io_grid_factor,

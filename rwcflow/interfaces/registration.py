@@ -17,7 +17,8 @@ class _RegisterInputSpec(BaseInterfaceInputSpec):
     moving = File(exists=True, mandatory=True, desc="the image to register to the fixed one")
     model = traits.Str("default", usedefault=True, desc='RWCNet model: "default", "none" or a model file')
     io_iters = traits.Int(desc="instance-optimisation Adam steps per level (unset: the default; 0: off)")
-    io_grid_factor = traits.Int(desc="fixed voxels per instance-optimisation control voxel (unset: 2 from zero, 1 after a network)")
+    io_grid_factor = traits.Int(
+        desc="fixed voxels per instance-optimisation control voxel (unset: 2 from zero, 1 after a network)")
     io_similarity = traits.Enum("mind", "ncc", "mse", desc="instance-optimisation similarity (unset: mind)")
     io_regularization = traits.Float(desc="instance-optimisation diffusion weight (unset: the similarity's)")
     io_interpolation = traits.Enum("linear", "bspline", desc="instance-optimisation sampling (unset: linear)")
