@@ -8,6 +8,15 @@ folder; so results are cached by input content and the tasks run unchanged under
 (:class:`rwcflow.worker.ForkServerWorker`: Pydra's ``"cf"`` worker forks the submitting process, and a
 fork of a process that has run multi-threaded torch code or initialised CUDA hangs or fails).
 ``device="auto"`` is resolved inside each job.
+
+Each task's function is a module-level function of its own name (``_register_job`` for :class:`Register`),
+and the task class is made from it with ``python.define(function, name=...)`` rather than by decorating
+it. Pydra hashes a task's function by its source, in the submitting process and again in the job process
+after unpickling the job; a decorated function's name holds the task class, so cloudpickle cannot find the
+function by name and pickles it by value, and cloudpickle >= 3.1.3 gives such functions the file name
+``"<dynamic-code>"``: the job process then cannot read their source, hashes them otherwise and stops
+("input field hashes have changed"). Found by name, the function is pickled by reference and the job
+process hashes the same source. Define your own tasks the same way when they run in other processes.
 """
 
 from __future__ import annotations
@@ -29,9 +38,8 @@ def _optional(file: File | None, *, labels: bool = True) -> Image | None:
     return None if file is None else load_image(file, labels=labels)
 
 
-@python.define(outputs={"affine": File})
-def AffineAlign(fixed: File, moving: File, fixed_mask: File | None = None, moving_mask: File | None = None,
-                device: str = "auto") -> File:
+def _affine_align_job(fixed: File, moving: File, fixed_mask: File | None = None, moving_mask: File | None = None,
+                      device: str = "auto") -> File:
     """Affine pre-alignment (:func:`rwcflow.affine.affine_align`): ``affine`` is an ITK text transform
     taking fixed points to moving points."""
     matrix = affine_align(load_image(fixed), load_image(moving), device=resolve_device(device),
@@ -39,15 +47,16 @@ def AffineAlign(fixed: File, moving: File, fixed_mask: File | None = None, movin
     return transforms.write_affine(Path.cwd() / "affine.txt", matrix)
 
 
-@python.define(outputs={"warped": File, "xfm": File, "affine": File,
-                        "warped_labels": File | None, "metrics": File | None})
-def Register(fixed: File, moving: File, model: str = "default", io_iters: int | None = None,
-             io_grid_factor: int | None = None, io_similarity: str | None = None,
-             io_regularization: float | None = None, io_interpolation: str | None = None,
-             affine: bool = True, device: str = "auto",
-             fixed_labels: File | None = None, moving_labels: File | None = None,
-             fixed_mask: File | None = None, moving_mask: File | None = None,
-             ) -> tuple[File, File, File, File | None, File | None]:
+AffineAlign = python.define(_affine_align_job, name="AffineAlign", outputs={"affine": File})
+
+
+def _register_job(fixed: File, moving: File, model: str = "default", io_iters: int | None = None,
+                  io_grid_factor: int | None = None, io_similarity: str | None = None,
+                  io_regularization: float | None = None, io_interpolation: str | None = None,
+                  affine: bool = True, device: str = "auto",
+                  fixed_labels: File | None = None, moving_labels: File | None = None,
+                  fixed_mask: File | None = None, moving_mask: File | None = None,
+                  ) -> tuple[File, File, File, File | None, File | None]:
     """Register ``moving`` to ``fixed`` (:func:`rwcflow.steps.register_files`), written as by ``rwcflow-register``.
 
     ``warped`` (moving on the fixed grid), ``xfm`` (ITK displacement field, affine included), ``affine``
@@ -67,63 +76,82 @@ def Register(fixed: File, moving: File, model: str = "default", io_iters: int | 
     return tuple(written[key] for key in steps.REGISTRATION_FILES)
 
 
-@python.define(outputs={"out": File})
-def ApplyTransform(image: File, xfm: File, reference: File | None = None, labels: bool = False) -> File:
+Register = python.define(_register_job, name="Register", outputs={
+    "warped": File, "xfm": File, "affine": File, "warped_labels": File | None, "metrics": File | None})
+
+
+def _apply_transform_job(image: File, xfm: File, reference: File | None = None, labels: bool = False) -> File:
     """Resample ``image`` (any grid) through an ITK displacement field ``xfm`` (fixed→moving) onto
     ``reference``'s grid (default: the field's own grid); nearest neighbour for ``labels``."""
     return steps.apply_transform(image, xfm, Path.cwd(), reference, labels)
 
 
-@python.define(outputs={"out": File})
-def LabelPropagation(labels: File, xfm: File, reference: File | None = None) -> File:
+ApplyTransform = python.define(_apply_transform_job, name="ApplyTransform", outputs={"out": File})
+
+
+def _label_propagation_job(labels: File, xfm: File, reference: File | None = None) -> File:
     """Carry a label map through ``xfm`` onto ``reference``'s grid: :class:`ApplyTransform` with ``labels=True``."""
     return steps.apply_transform(labels, xfm, Path.cwd(), reference, labels=True)
 
 
-@python.define(outputs={"out": File})
-def ComposeTransforms(xfms: list[File], reference: File | None = None) -> File:
+LabelPropagation = python.define(_label_propagation_job, name="LabelPropagation", outputs={"out": File})
+
+
+def _compose_transforms_job(xfms: list[File], reference: File | None = None) -> File:
     """One ITK displacement field for a chain of them, in ANTs order (``-t A -t B``: ``B`` acts first),
     on ``reference``'s grid (default: the first field's grid)."""
     return steps.compose_transforms(xfms, Path.cwd(), reference)
 
 
-@python.define(outputs={"out": File})
-def ComposeTransformPair(outer: File, inner: File, reference: File | None = None) -> File:
+ComposeTransforms = python.define(_compose_transforms_job, name="ComposeTransforms", outputs={"out": File})
+
+
+def _compose_transform_pair_job(outer: File, inner: File, reference: File | None = None) -> File:
     """:class:`ComposeTransforms` of two fields, ``p -> outer(inner(p))`` (ANTs: ``-t outer -t inner``),
     for splitting over one of them; named after ``outer`` (``<outer>_composed.nii.gz``)."""
     return steps.compose_transforms([outer, inner], Path.cwd(), reference, name=steps.output_name(outer, "composed"))
 
 
-@python.define(outputs={"out": File})
-def InvertTransform(xfm: File) -> File:
+ComposeTransformPair = python.define(_compose_transform_pair_job, name="ComposeTransformPair", outputs={"out": File})
+
+
+def _invert_transform_job(xfm: File) -> File:
     """The inverse of an ITK displacement field, on the same grid (:func:`rwcflow.maps.invert_displacement`)."""
     return steps.invert_transform(xfm, Path.cwd())
 
 
-@python.define(outputs={"out": File})
-def AverageFields(xfms: list[File]) -> File:
+InvertTransform = python.define(_invert_transform_job, name="InvertTransform", outputs={"out": File})
+
+
+def _average_fields_job(xfms: list[File]) -> File:
     """Voxel-wise mean of ITK displacement fields on the first field's grid (others resampled in world space)."""
     return steps.average_transforms(xfms, Path.cwd())
 
 
-@python.define(outputs={"jacobian": File, "log_jacobian": File})
-def JacobianMaps(xfm: File) -> tuple[File, File]:
+AverageFields = python.define(_average_fields_job, name="AverageFields", outputs={"out": File})
+
+
+def _jacobian_maps_job(xfm: File) -> tuple[File, File]:
     """Jacobian determinant of an ITK displacement field's mapping (world mm), and its logarithm
     (folded voxels floored, see :func:`rwcflow.maps.log_jacobian`)."""
     return steps.jacobian_maps(xfm, Path.cwd())
 
 
-@python.define(outputs={"average": File})
-def AverageImages(images: list[File], method: str = "mean", sharpen: float = 0.0) -> File:
+JacobianMaps = python.define(_jacobian_maps_job, name="JacobianMaps", outputs={"jacobian": File, "log_jacobian": File})
+
+
+def _average_images_job(images: list[File], method: str = "mean", sharpen: float = 0.0) -> File:
     """Voxel-wise ``"mean"`` or ``"median"`` of ``images`` on the first image's grid (others resampled
     in world space), Laplacian-sharpened by ``sharpen`` (:func:`rwcflow.maps.laplacian_sharpen`; 0: off)."""
     return steps.average_images(images, Path.cwd(), method, sharpen)
 
 
-@python.define(outputs={"template": File, "log": File, "templates": list[File]})
-def ShapeUpdate(average: File, average_xfm: File, gradient_step: float = 0.25, repeats: int = 4,
-                log: File | None = None, template: File | None = None, templates: list[File] | None = None,
-                ) -> tuple[File, File, list[File]]:
+AverageImages = python.define(_average_images_job, name="AverageImages", outputs={"average": File})
+
+
+def _shape_update_job(average: File, average_xfm: File, gradient_step: float = 0.25, repeats: int = 4,
+                      log: File | None = None, template: File | None = None, templates: list[File] | None = None,
+                      ) -> tuple[File, File, list[File]]:
     """Template shape update of ANTs' ``antsMultivariateTemplateConstruction2.sh``
     (:func:`rwcflow.steps.shape_update`).
 
@@ -142,10 +170,13 @@ def ShapeUpdate(average: File, average_xfm: File, gradient_step: float = 0.25, r
     return updated, log_path, [*(templates or []), *registered_to]
 
 
-@python.define(outputs={"template": File, "xfms": list[File], "warped": list[File]})
-def GroupwiseRefine(sessions: list[File], xfms: list[File], iterations: int = 200,
-                    regularization: float = GroupwiseRefinement.regularization,
-                    device: str = "auto") -> tuple[File, list[File], list[File]]:
+ShapeUpdate = python.define(_shape_update_job, name="ShapeUpdate",
+                            outputs={"template": File, "log": File, "templates": list[File]})
+
+
+def _groupwise_refine_job(sessions: list[File], xfms: list[File], iterations: int = 200,
+                          regularization: float = GroupwiseRefinement.regularization,
+                          device: str = "auto") -> tuple[File, list[File], list[File]]:
     """Refine the template→session fields ``xfms`` (ITK, one per session, on the template's grid) of
     ``sessions`` jointly, every session resampled alike and compared with the others
     (:func:`rwcflow.groupwise.refine_groupwise`), so that sub-voxel changes are not biased towards the
@@ -156,16 +187,22 @@ def GroupwiseRefine(sessions: list[File], xfms: list[File], iterations: int = 20
     return template, refined, warped
 
 
-@python.define(outputs={"template": File, "xfms": list[File], "warped": list[File]})
-def SingleSession(session: File) -> tuple[File, list[File], list[File]]:
+GroupwiseRefine = python.define(_groupwise_refine_job, name="GroupwiseRefine",
+                                outputs={"template": File, "xfms": list[File], "warped": list[File]})
+
+
+def _single_session_job(session: File) -> tuple[File, list[File], list[File]]:
     """Pass-through for a participant with one session: the template is the session itself (copied), its
     transform the identity (a zero displacement field on the session's grid), its warped image a copy."""
     template, xfm, warped = steps.single_session(session, Path.cwd())
     return template, [xfm], [warped]
 
 
-@python.define(outputs={"probabilities": File, "label_values": list[int]})
-def LabelProbabilities(label_maps: list[File]) -> tuple[File, list[int]]:
+SingleSession = python.define(_single_session_job, name="SingleSession",
+                              outputs={"template": File, "xfms": list[File], "warped": list[File]})
+
+
+def _label_probabilities_job(label_maps: list[File]) -> tuple[File, list[int]]:
     """Per-label probability maps from label maps on one grid: a 4-D float32 NIfTI whose volume ``n`` is
     the fraction of ``label_maps`` holding ``label_values[n]`` at each voxel (background 0 left out)."""
     images = [load_image(path, labels=True) for path in label_maps]
@@ -175,9 +212,12 @@ def LabelProbabilities(label_maps: list[File]) -> tuple[File, list[int]]:
     return save_image(Image(probabilities, images[0].affine.copy()), Path.cwd() / "label_probabilities.nii.gz"), values
 
 
-@python.define(outputs={"model": File, "log": File, "validation": dict})
-def TrainStage(config: File, stage: int, init_model: File | None = None, work_dir: str | None = None,
-               device: str | None = None) -> tuple[File, File, dict]:
+LabelProbabilities = python.define(_label_probabilities_job, name="LabelProbabilities",
+                                   outputs={"probabilities": File, "label_values": list[int]})
+
+
+def _train_stage_job(config: File, stage: int, init_model: File | None = None, work_dir: str | None = None,
+                     device: str | None = None) -> tuple[File, File, dict]:
     """Train stage ``stage`` of the network of a training config (:func:`rwcflow.train.train_stage`).
 
     ``config`` is a training config file (``rwcflow-train --print-config paper``); the stages before
@@ -196,3 +236,7 @@ def TrainStage(config: File, stage: int, init_model: File | None = None, work_di
     folder = Path(work_dir) if work_dir else Path.cwd()
     result = train_stage(settings, stage, folder, init_model=init_model, progress=False)
     return result.model, result.log, result.validation
+
+
+TrainStage = python.define(_train_stage_job, name="TrainStage",
+                           outputs={"model": File, "log": File, "validation": dict})

@@ -46,7 +46,8 @@ def commands(script: str) -> list[str]:
 
 DEFINITION = parse_definition((ROOT / "Singularity.def").read_text())
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-TORCH_PIN = re.search(r"^TORCH_PIN\s*:?=\s*(\S+)", (ROOT / "Makefile").read_text(), re.MULTILINE).group(1)
+TORCH_PIN = next(line for line in (ROOT / "requirements" / "torch.txt").read_text().splitlines()
+                 if line and not line.startswith("#"))
 
 
 def test_base_image_is_the_cuda_build_of_the_pinned_torch():
@@ -54,7 +55,7 @@ def test_base_image_is_the_cuda_build_of_the_pinned_torch():
     assert header["Bootstrap"] == "docker"
     base = BASE_IMAGE.fullmatch(header["From"])
     assert base, header["From"]
-    assert TORCH_PIN == f"torch=={base['torch']}"  # the Makefile's and README's pin
+    assert TORCH_PIN == f"torch=={base['torch']}"  # the pin make and CI install
     assert set(SECTIONS) <= set(sections)
     labels = dict(line.split(None, 1) for line in sections["labels"].splitlines())
     assert labels["org.opencontainers.image.version"] == PYPROJECT["project"]["version"]
@@ -72,27 +73,20 @@ def test_files_copy_exactly_what_the_build_of_the_project_needs():
     copied = dict(line.split() for line in commands(DEFINITION[1]["files"]))
     folders = set(PYPROJECT["tool"]["setuptools"]["package-dir"].values())
     top_level = {folder.split("/")[0] for folder in folders}
-    assert set(copied) == {"pyproject.toml", PYPROJECT["project"]["readme"], *top_level}
+    assert set(copied) == {"pyproject.toml", PYPROJECT["project"]["readme"], "requirements", *top_level}
     assert all((ROOT / source).exists() and copied[source] == f"/opt/rwcflow/{source}" for source in copied)
 
 
-def test_post_installs_the_copied_project_and_keeps_the_pinned_torch():
+def test_post_installs_the_container_lock_then_the_project_and_keeps_the_pinned_torch():
     post = commands(DEFINITION[1]["post"])
     installs = [shlex.split(line) for line in post if "pip install" in line]
-    assert len(installs) == 1, installs
-    words = installs[0]
-    assert words[:4] == ["/opt/conda/bin/python", "-m", "pip", "install"]
-    options = {word for word in words[4:] if word.startswith("--")}
-    assert options == {"--no-cache-dir", "--constraint"}
-    constraint = words[words.index("--constraint") + 1]
-    targets = [word for word in words[4:] if not word.startswith("--") and word != constraint]
-    # the constraint file holds the pin: pip fails rather than replace the base image's torch
-    assert f'echo "{TORCH_PIN}" > {constraint}' in post
-    # the project from the copied tree, and only exactly pinned packages besides it, none of them torch
-    assert targets[0] == "/opt/rwcflow"
-    for target in targets[1:]:
-        requirement = Requirement(target)
-        assert requirement.name != "torch" and re.fullmatch(r"==[\w.]+", str(requirement.specifier)), target
+    assert [words[:5] for words in installs] == [["/opt/conda/bin/python", "-m", "pip", "install", "--no-cache-dir"]] * 2
+    # first every dependency at its locked version, torch's pin as a constraint (pip fails rather than replace
+    # the base image's torch), ...
+    assert installs[0][5:] == ["--requirement", "/opt/rwcflow/requirements/container.txt",
+                               "--constraint", "/opt/rwcflow/requirements/torch.txt"]
+    # ... then the copied project, resolving nothing more
+    assert installs[1][5:] == ["--no-deps", "/opt/rwcflow"]
     # and the build stops unless the torch left behind is the pinned CUDA build
     assert any(line.startswith("/opt/conda/bin/python -c") and f"== '{TORCH_PIN.split('==')[1]}'" in line
                and "torch.version.cuda" in line for line in post)
