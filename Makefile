@@ -26,7 +26,7 @@ EXAMPLE := example
 PIP = $(1)/bin/python -m pip install -q --disable-pip-version-check
 TORCH_INSTALL = $(call PIP,$(1)) -r $(TORCH_REQUIREMENT) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 
-.PHONY: install example test lock check-latest clean
+.PHONY: install example run-example test lock check-latest clean
 
 %/bin/python:
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "rwcflow: requirements/lock.txt is resolved for Python >= 3.11; $(PYTHON) is older (PYTHON=python3.11 make ...)")'
@@ -42,12 +42,19 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml $(LOCK) $(TORCH_REQUIREMENT)
 
 install: $(VENV)/.installed
 
-# the group level runs even when a participant failed (the App isolates failures); the status is the worst of both
+# the group level runs even when a participant failed (the App isolates failures); the status is the worst of both.
+# run-example is the run alone, on an installed venv; DEMO_ARGS and EXAMPLE_ARGS pass options to
+# rwcflow-demo-data and to both levels of rwcflow.
+DEMO_ARGS ?=
+EXAMPLE_ARGS ?=
 example: install
-	test -d $(EXAMPLE)/bids || $(BIN)/rwcflow-demo-data $(EXAMPLE)/bids
+	$(MAKE) --no-print-directory run-example
+
+run-example:
+	test -d $(EXAMPLE)/bids || $(BIN)/rwcflow-demo-data $(EXAMPLE)/bids $(DEMO_ARGS)
 	status=0; \
-	$(BIN)/rwcflow $(EXAMPLE)/bids $(EXAMPLE)/derivatives participant -w $(EXAMPLE)/work || status=$$?; \
-	$(BIN)/rwcflow $(EXAMPLE)/bids $(EXAMPLE)/derivatives group -w $(EXAMPLE)/work || status=$$?; \
+	$(BIN)/rwcflow $(EXAMPLE)/bids $(EXAMPLE)/derivatives participant -w $(EXAMPLE)/work $(EXAMPLE_ARGS) || status=$$?; \
+	$(BIN)/rwcflow $(EXAMPLE)/bids $(EXAMPLE)/derivatives group -w $(EXAMPLE)/work $(EXAMPLE_ARGS) || status=$$?; \
 	exit $$status
 
 test: install

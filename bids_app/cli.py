@@ -1,8 +1,9 @@
 """``rwcflow bids_dir output_dir {participant,group}``: the BIDS App command line (BIDS Apps spec, with
 fMRIPrep's flags where they mean the same).
 
-Exit codes: 0 all done; 1 some participants failed (the others completed; see the log and reports);
-2 bad input or usage (one line naming the file and the problem, nothing run).
+Exit codes: 0 all done; 1 some participants failed (the others completed), or the group template's jobs
+failed: one line each names the failed job, its exception and message, and the crash file with its
+traceback; 2 bad input or usage (one line naming the file and the problem, nothing run).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rwcflow import __version__
-from rwcflow.errors import RwcflowError
+from rwcflow.errors import JobsFailed, RwcflowError
 
 from . import dataset, derivatives
+from .failures import record_failure
 from .options import RunOptions, limit_threads
 from .spaces import BUILTIN, UNBIASED, resolve_template
 
@@ -103,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
     participants = dataset.find_participants(bids_dir, participants=args.participant_label,
                                              sessions=args.session_label, modality=args.modality, filters=filters)
     work_dir.mkdir(parents=True, exist_ok=True)
-    options = RunOptions(template=resolve_template(args.template, work_dir), work_dir=work_dir, model=args.model,
+    # a model file's path as given here: jobs run in their own folders
+    model = args.model if args.model in ("default", "none") else str(Path(args.model).absolute())
+    options = RunOptions(template=resolve_template(args.template, work_dir), work_dir=work_dir, model=model,
                          io_iters=args.io_iters, device=args.device,
                          longitudinal_iterations=args.longitudinal_iterations,
                          group_iterations=args.group_iterations, nprocs=args.nprocs,
@@ -127,7 +131,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         from .group import run_group
 
-        failed = run_group(participants, bids_dir, output_dir, options)
+        try:
+            failed = run_group(participants, bids_dir, output_dir, options)
+        except Exception as exc:
+            if isinstance(exc, RwcflowError) and not isinstance(exc, JobsFailed):
+                raise  # bad input: one line, exit status 2
+            log.error("group level failed: %s", record_failure(exc, output_dir, options.run_id))
+            return 1
     log.info("finished in %.0f s: %d done, %d failed%s", time.perf_counter() - start,
              len(participants) - len(failed), len(failed), f" ({', '.join(f'sub-{f}' for f in failed)})" if failed else "")
     return 1 if failed else 0

@@ -14,6 +14,7 @@ Names, for a source image ``<src>`` (its entities, e.g. ``sub-01_ses-1``) of par
 | ``sub-01/anat/sub-01_from-T1w_to-<tpl>_mode-image_xfm.nii.gz`` | the template into group space |
 | ``<dir>/<src>_from-orig_to-<tpl>_mode-image_xfm.nii.gz``, ``<src>_space-<tpl>_desc-registered_T1w.nii.gz`` | the session into group space |
 | ``tpl-<tpl>/tpl-<tpl>_T1w.nii.gz`` | a group template built by the group level |
+| ``sub-01/log/<run>/crash-<job>.txt``, ``logs/<run>/crash-<job>.txt`` | a failed job's traceback (participant, group level) |
 
 ``<dir>`` is the source's own folder (``sub-01/ses-1/anat``). Transforms are ITK displacement fields.
 """
@@ -26,6 +27,7 @@ import shutil
 from pathlib import Path
 
 from rwcflow import __version__
+from rwcflow.errors import JobFailure
 from rwcflow.io import atomic_write
 
 from .dataset import entities, source_prefix
@@ -51,6 +53,23 @@ def derivative_path(output_dir: Path, source: Path, name: str) -> Path:
 def participant_path(output_dir: Path, participant: str, name: str) -> Path:
     """``output_dir/sub-<participant>/anat/sub-<participant>_<name>`` (participant-wide files)."""
     return output_dir / f"sub-{participant}" / "anat" / f"sub-{participant}_{name}"
+
+
+def crash_folder(output_dir: Path, run_id: str, participant: str | None = None) -> Path:
+    """Where a run's crash files go, as fMRIPrep's: ``sub-<participant>/log/<run_id>/`` for a participant,
+    ``logs/<run_id>/`` for the group level. A run's own folder: later runs leave it alone."""
+    return output_dir / f"sub-{participant}" / "log" / run_id if participant else output_dir / "logs" / run_id
+
+
+def write_crash_files(folder: Path, failures: list[JobFailure]) -> list[Path]:
+    """Each failed job's traceback as ``folder/crash-<job>.txt``, headed by the job, its task and its error."""
+    paths = []
+    for failure in failures:
+        name = "".join(c if c.isalnum() or c in "-_" else "-" for c in failure.job).strip("-")
+        text = (f"Job: {failure.job}\nTask: {failure.task}\nError: {failure.error_type}: {failure.message}\n\n"
+                f"{failure.traceback.rstrip()}\n")
+        paths.append(write_text(folder / f"crash-{name}.txt", text))
+    return paths
 
 
 def template_path(output_dir: Path, template: str, name: str = "T1w.nii.gz") -> Path:

@@ -19,7 +19,8 @@ from rwcflow.workflows.atlas import Atlas
 from . import derivatives as names
 from .dataset import Participant
 from .options import RunOptions
-from .participant import failure_reason, fit_to_template
+from .failures import failure_reason
+from .participant import fit_to_template
 from .reports import GroupResult, group_report
 from .spaces import UNBIASED
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rwcflow.submitter import ResumingSubmitter
@@ -29,6 +31,8 @@ class RunOptions:
     plugin: str = "cf"
     slurm_args: str = ""
     seed: int = 0
+    run_id: str = field(default_factory=lambda: f"{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4()}")
+    """This run's name, as fMRIPrep's: its crash files go into a folder of that name."""
 
     def parameters(self) -> dict:
         """The options recorded in sidecars and reports."""

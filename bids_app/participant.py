@@ -21,6 +21,7 @@ from rwcflow.workflows.longitudinal import Longitudinal
 
 from . import derivatives as names
 from .dataset import Participant, entities
+from .failures import record_failure
 from .options import RunOptions
 from .reports import ParticipantResult, SessionResult, participant_report
 
@@ -38,7 +39,7 @@ def run_participants(participants: list[Participant], bids_dir: Path, output_dir
         try:
             result = run_participant(participant, bids_dir, output_dir, options)
         except Exception as exc:  # one participant's failure must not sink the others
-            failed[participant.label] = failure_reason(exc)
+            failed[participant.label] = record_failure(exc, output_dir, options.run_id, participant.label)
             log.error("sub-%s failed: %s", participant.label, failed[participant.label])
             participant_report(output_dir, ParticipantResult(
                 participant.label, template=None, sessions=[], parameters=options.parameters(),
@@ -134,11 +135,3 @@ def _session_metrics(template: Image, registered: Path, log_jacobian: Path) -> d
     _, log_j = read_nibabel(log_jacobian)  # not load_image: a no-change log-Jacobian is all zeros
     return {"correlation_to_template": fit_to_template(template, registered),
             "mean_abs_log_jacobian": round(float(np.abs(log_j[foreground_mask(template)]).mean()), 5)}
-
-
-def failure_reason(exc: Exception) -> str:
-    """One line for the log and the report: rwcflow's own errors as they are, others with their type."""
-    if isinstance(exc, RwcflowError):
-        return str(exc)
-    message = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {message[-1] if message else ''}"

@@ -1,4 +1,9 @@
-"""Errors that reach the user as one clear line (file and problem), never a traceback."""
+"""Errors that reach the user as one clear line (file and problem, or failed job and exception), never a
+traceback."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
 
 
 class RwcflowError(Exception):
@@ -20,3 +25,32 @@ class InputError(RwcflowError):
 
 class ModelFileError(InputError):
     """A model file is corrupt, of another format version, or does not match the network."""
+
+
+@dataclass(frozen=True)
+class JobFailure:
+    """One failed Pydra job: its node's name in the workflow (``register_0``, with ``[k]`` for the
+    ``k``-th job of a split), its task class, the exception's type and message, and the full traceback."""
+
+    job: str
+    task: str
+    error_type: str
+    message: str
+    traceback: str
+
+    def __str__(self) -> str:
+        return f"task {self.job} ({self.task}) failed: {self.error_type}: {self.message}"
+
+
+class JobsFailed(RwcflowError):
+    """Jobs of a submitted task or workflow failed: a processing failure, not bad input. Its line names
+    the first failed job, its exception's type and message; ``failures`` holds every one, traceback
+    included."""
+
+    def __init__(self, failures: list[JobFailure]):
+        self.failures = failures
+        more = f" (and {len(failures) - 1} more failed job(s))" if len(failures) > 1 else ""
+        super().__init__(f"{failures[0]}{more}")
+
+    def __reduce__(self):
+        return type(self), (self.failures,)

@@ -181,3 +181,19 @@ def test_single_session_registered_to_a_given_template(study, tmp_path):
     jacobian = nib.load(folder / "sub-01_ses-1_space-T1w_jacobian.nii.gz").get_fdata()
     np.testing.assert_allclose(jacobian, 1.0, atol=1e-5)
     assert (out / "sub-01" / "anat" / "sub-01_from-T1w_to-demo_mode-image_xfm.nii.gz").is_file()
+
+
+@pytest.mark.smoke
+def test_demo_participant_level_with_the_shipped_model(tmp_path):
+    """The README's main job, small: the demo's participant level with the default model (the shipped
+    network, then instance optimisation), jobs in two processes."""
+    raw = write_demo_dataset(tmp_path / "raw", participants=1, sessions=2, resolution_mm=6.0)
+    out = tmp_path / "out"
+    assert main([str(raw), str(out), "participant", "-w", str(tmp_path / "work"), "--io-iters", "5",
+                 "--longitudinal-iterations", "1", "--nprocs", "2", "--skip-bids-validation", "--device", "cpu"]) == 0
+    for session in ("1", "2"):
+        anat = out / "sub-01" / f"ses-{session}" / "anat"
+        assert load_image(anat / f"sub-01_ses-{session}_space-T1w_desc-log_jacobian.nii.gz").grid == \
+            load_image(out / "sub-01" / "anat" / "sub-01_desc-template_T1w.nii.gz").grid
+    sidecar = json.loads((out / "sub-01" / "anat" / "sub-01_desc-template_T1w.json").read_text())
+    assert sidecar["rwcflow"]["model"] == "default"

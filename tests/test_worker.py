@@ -7,6 +7,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 # A task of the user's own, defined as rwcflow's are (its function found by name: see rwcflow.tasks), in a
 # module in the script's working folder (on its sys.path, and its job processes')
 JOBS_MODULE = """
@@ -45,6 +47,7 @@ with Submitter(worker=ForkServerWorker(n_procs=2, threads=3), cache_root=cache) 
 """
 
 
+@pytest.mark.smoke
 def test_jobs_of_a_process_that_ran_multithreaded_torch_finish_with_its_threads_and_logging(tmp_path):
     from rwcflow.example import make_example_pair
     from rwcflow.io import load_image, save_image
