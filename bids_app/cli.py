@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rwcflow import __version__
+from rwcflow.cpus import available_cpus
 from rwcflow.errors import JobsFailed, RwcflowError
 
 from . import dataset, derivatives
@@ -66,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     execution = parser.add_argument_group("execution")
     execution.add_argument("-w", "--work-dir", type=Path, default=Path("work"),
                            help="Pydra's cache: re-running with the same one resumes (default: ./work)")
-    execution.add_argument("--nprocs", "--n-cpus", type=int, default=os.cpu_count() or 1,
-                           help="CPUs to use in all (default: all)")
+    execution.add_argument("--nprocs", "--n-cpus", type=int, default=available_cpus(),
+                           help="CPUs to use in all (default: those this process may use: CPU affinity, cgroup "
+                                "quota, SLURM_CPUS_PER_TASK)")
     execution.add_argument("--omp-nthreads", type=int, default=1, help="threads per job (default 1)")
     execution.add_argument("--plugin", choices=["cf", "slurm"], default="cf",
                            help="Pydra worker: cf (local processes) or slurm (one SLURM job per task, each running "
