@@ -102,22 +102,35 @@ def copy_output(produced: Path, path: Path, sidecar: dict | None = None) -> Path
 
 def dataset_description(output_dir: Path, bids_dir: Path) -> Path:
     """``dataset_description.json`` of the derivatives: ``DatasetType: derivative``, ``GeneratedBy``
-    (with the container when run inside Singularity/Apptainer or Docker), the source dataset."""
+    (with the container only when run inside one, :func:`container`), the source dataset by the DOI
+    and version its own description gives (``SourceDatasets``, left out without them) and its folder
+    as ``DatasetLinks.raw`` (the ``bids:raw:`` of the sidecars' ``Sources``)."""
     generated_by = {"Name": "rwcflow", "Version": __version__,
                     "Description": "RWCNet deformable registration: longitudinal and group templates",
                     "CodeURL": "https://github.com/rwcflow/rwcflow"}
-    container = os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER")
-    if container:
-        generated_by["Container"] = {"Type": "singularity", "URI": container}
-    elif Path("/.dockerenv").exists():
-        generated_by["Container"] = {"Type": "docker"}
+    if (running_in := container()) is not None:
+        generated_by["Container"] = running_in
     source = json.loads((bids_dir / "dataset_description.json").read_text())
+    identity = {key: source[field] for key, field in (("DOI", "DatasetDOI"), ("Version", "DatasetVersion"))
+                if isinstance(source.get(field), str) and source[field]}
     return write_json(output_dir / "dataset_description.json", {
         "Name": f"rwcflow derivatives of {source.get('Name', bids_dir.name)}",
         "BIDSVersion": source.get("BIDSVersion", "1.9.0"),
         "DatasetType": "derivative",
         "GeneratedBy": [generated_by],
-        "SourceDatasets": [{"URL": bids_dir.resolve().as_uri()}],
+        **({"SourceDatasets": [identity]} if "DOI" in identity else {}),
         "DatasetLinks": {"raw": bids_dir.resolve().as_uri()},
         "HowToAcknowledge": "Cite rwcflow and RWCNet (Sivan et al. 2022); see logs/CITATION.md.",
     })
+
+
+def container() -> dict | None:
+    """``GeneratedBy.Container`` when this process runs inside an Apptainer or Singularity image: the
+    runtimes set ``APPTAINER_CONTAINER``/``SINGULARITY_CONTAINER`` to the image inside it (and nowhere
+    else). Files such as ``/.dockerenv`` are not evidence: machines that are no container have them, and
+    rwcflow ships no Docker image."""
+    for kind in ("apptainer", "singularity"):
+        image = os.environ.get(f"{kind.upper()}_CONTAINER")
+        if image:
+            return {"Type": kind, "Tag": __version__, "URI": image}
+    return None

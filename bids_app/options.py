@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rwcflow.checkpoint import model_sha256
 from rwcflow.submitter import ResumingSubmitter
 from rwcflow.worker import ForkServerWorker
 
@@ -35,8 +36,9 @@ class RunOptions:
     """This run's name, as fMRIPrep's: its crash files go into a folder of that name."""
 
     def parameters(self) -> dict:
-        """The options recorded in sidecars and reports."""
-        return {"template": self.template.name, "model": self.model, "io_iters": self.io_iters,
+        """The options recorded in sidecars and reports, with the sha256 of the model file used."""
+        return {"template": self.template.name, "model": self.model, "model_sha256": model_sha256(self.model),
+                "io_iters": self.io_iters,
                 "device": self.device, "longitudinal_iterations": self.longitudinal_iterations,
                 "group_iterations": self.group_iterations, "random_seed": self.seed}
 

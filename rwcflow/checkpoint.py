@@ -7,6 +7,8 @@ metadata holds ``format`` (``"rwcflow-model"``), ``format_version``, ``config`` 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -98,6 +100,22 @@ def default_model_path() -> Path | None:
     """The model shipped inside the package, or ``None`` while none ships."""
     candidate = resources.files("rwcflow") / "data" / DEFAULT_MODEL
     return Path(str(candidate)) if candidate.is_file() else None
+
+
+def model_file(spec: str | os.PathLike | None) -> Path | None:
+    """The file a ``--model`` value names: the shipped model for ``"default"``, ``None`` for
+    ``"none"``/``None`` (or while no model ships), else the path itself."""
+    if spec is None or str(spec).lower() == "none":
+        return None
+    return default_model_path() if str(spec).lower() == "default" else Path(spec)
+
+
+@functools.cache
+def model_sha256(spec: str | None) -> str | None:
+    """The sha256 of the model file a ``--model`` value names (:func:`model_file`), for provenance:
+    which weights made a result, also once another default ships. ``None`` without a (readable) file."""
+    path = model_file(spec)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None and path.is_file() else None
 
 
 def resolve_model(spec: str | os.PathLike | RWCNet | None, *, device: str | torch.device = "cpu") -> RWCNet | None:

@@ -14,9 +14,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+import rwcflow
 from rwcflow import transforms
 from rwcflow.bids_app.cli import main
 from rwcflow.bids_app.demo import write_demo_dataset
+from rwcflow.bids_app.derivatives import dataset_description
 from rwcflow.io import load_image
 
 FAST = ["--model", "none", "--io-iters", "10", "--nprocs", "1", "--skip-bids-validation",
@@ -93,6 +95,8 @@ def test_dataset_description_logs_and_citation(study):
     assert description["DatasetType"] == "derivative" and description["BIDSVersion"]
     assert description["GeneratedBy"][0]["Name"] == "rwcflow" and description["GeneratedBy"][0]["Version"]
     assert description["DatasetLinks"]["raw"] == study["raw"].resolve().as_uri()
+    # not run in a container (whatever files such as /.dockerenv say), and the demo has no DOI
+    assert "Container" not in description["GeneratedBy"][0] and "SourceDatasets" not in description
     assert "RWCNet" in (out / "logs" / "CITATION.md").read_text()
     logs = sorted((out / "logs").glob("rwcflow-*.log"))
     assert {path.name.split("-")[1] for path in logs} == {"participant", "group"}
@@ -197,3 +201,19 @@ def test_demo_participant_level_with_the_shipped_model(tmp_path):
             load_image(out / "sub-01" / "anat" / "sub-01_desc-template_T1w.nii.gz").grid
     sidecar = json.loads((out / "sub-01" / "anat" / "sub-01_desc-template_T1w.json").read_text())
     assert sidecar["rwcflow"]["model"] == "default"
+    shipped = Path(rwcflow.__file__).parent / "data" / "default.safetensors"
+    assert sidecar["rwcflow"]["model_sha256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()
+
+
+def test_provenance_names_the_container_and_the_source_dataset_it_is_told(tmp_path, monkeypatch):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "dataset_description.json").write_text(json.dumps(
+        {"Name": "study", "BIDSVersion": "1.9.0", "DatasetDOI": "doi:10.18112/openneuro.ds000001.v1.0.0",
+         "DatasetVersion": "1.0.0"}))
+    monkeypatch.delenv("SINGULARITY_CONTAINER", raising=False)
+    monkeypatch.setenv("APPTAINER_CONTAINER", "/scratch/containers/rwcflow.sif")  # as Apptainer sets it inside
+    description = json.loads(dataset_description(tmp_path / "out", raw).read_text())
+    assert description["GeneratedBy"][0]["Container"] == {"Type": "apptainer", "Tag": rwcflow.__version__,
+                                                          "URI": "/scratch/containers/rwcflow.sif"}
+    assert description["SourceDatasets"] == [{"DOI": "doi:10.18112/openneuro.ds000001.v1.0.0", "Version": "1.0.0"}]
