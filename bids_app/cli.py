@@ -20,6 +20,7 @@ from pathlib import Path
 from rwcflow import __version__
 from rwcflow.cpus import available_cpus
 from rwcflow.errors import JobsFailed, RwcflowError
+from rwcflow.run_lock import WorkFolderLock
 
 from . import dataset, derivatives
 from .failures import record_failure
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     execution = parser.add_argument_group("execution")
     execution.add_argument("-w", "--work-dir", type=Path, default=Path("work"),
                            help="Pydra's cache: re-running with the same one resumes (default: ./work)")
+    execution.add_argument("--wait-for-lock", action="store_true",
+                           help="when another run holds the work folder, wait for it to finish instead of stopping")
     execution.add_argument("--nprocs", "--n-cpus", type=int, default=available_cpus(),
                            help="CPUs to use in all (default: those this process may use: CPU affinity, cgroup "
                                 "quota, SLURM_CPUS_PER_TASK)")
@@ -94,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check everything, then run the level; the number of failed participants decides the exit code."""
+    """Check everything, then run the level (one run at a time per work folder)."""
     bids_dir, output_dir, work_dir = args.bids_dir.absolute(), args.output_dir.absolute(), args.work_dir.absolute()
     dataset.check_dataset(bids_dir)
     dataset.check_output_location(bids_dir, output_dir, "output folder")
@@ -107,6 +110,13 @@ def run(args: argparse.Namespace) -> int:
     participants = dataset.find_participants(bids_dir, participants=args.participant_label,
                                              sessions=args.session_label, modality=args.modality, filters=filters)
     work_dir.mkdir(parents=True, exist_ok=True)
+    with WorkFolderLock(work_dir, wait=args.wait_for_lock):
+        return _run_level(args, participants, bids_dir, output_dir, work_dir)
+
+
+def _run_level(args: argparse.Namespace, participants: list, bids_dir: Path, output_dir: Path,
+               work_dir: Path) -> int:
+    """Run the level, holding the work folder; the number of failed participants decides the exit code."""
     # a model file's path as given here: jobs run in their own folders
     model = args.model if args.model in ("default", "none") else str(Path(args.model).absolute())
     options = RunOptions(template=resolve_template(args.template, work_dir), work_dir=work_dir, model=model,
