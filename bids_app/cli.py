@@ -3,7 +3,8 @@ fMRIPrep's flags where they mean the same).
 
 Exit codes: 0 all done; 1 some participants failed (the others completed), or the group template's jobs
 failed: one line each names the failed job, its exception and message, and the crash file with its
-traceback; 2 bad input or usage (one line naming the file and the problem, nothing run).
+traceback; 2 bad input or usage (one line naming the file and the problem, nothing run); 130/143 stopped
+by SIGINT/SIGTERM (every job stopped; the same command resumes).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from rwcflow import __version__
 from rwcflow.cpus import available_cpus
 from rwcflow.errors import JobsFailed, RwcflowError
 from rwcflow.run_lock import WorkFolderLock
+from rwcflow.signals import Stopped, stop_on_signals
 
 from . import dataset, derivatives
 from .failures import record_failure
@@ -90,10 +92,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
     try:
-        return run(args)
+        with stop_on_signals():
+            return run(args)
     except RwcflowError as exc:
         print(f"rwcflow: error: {exc}", file=sys.stderr)
         return 2
+    except Stopped as stop:
+        print(f"rwcflow: stopped by {stop}: every job stopped, nothing half-written; run the same command "
+              f"again (same work folder) to resume", file=sys.stderr)
+        return stop.exit_status
 
 
 def run(args: argparse.Namespace) -> int:

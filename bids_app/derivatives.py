@@ -28,9 +28,10 @@ from pathlib import Path
 
 from rwcflow import __version__
 from rwcflow.errors import JobFailure
-from rwcflow.io import atomic_write
+from rwcflow.io import atomic_write, is_temporary, remove_stale_temporaries
 
 from .dataset import entities, source_prefix
+from .spaces import UNBIASED
 
 SUBJECT_SPACE = "T1w"
 """The space of the within-subject template, as NiPreps call a participant's anatomical reference."""
@@ -59,6 +60,20 @@ def crash_folder(output_dir: Path, run_id: str, participant: str | None = None) 
     """Where a run's crash files go, as fMRIPrep's: ``sub-<participant>/log/<run_id>/`` for a participant,
     ``logs/<run_id>/`` for the group level. A run's own folder: later runs leave it alone."""
     return output_dir / f"sub-{participant}" / "log" / run_id if participant else output_dir / "logs" / run_id
+
+
+def remove_stale_staging(output_dir: Path, participant: str | None = None) -> list[Path]:
+    """Remove the temporary files a killed run left (:func:`rwcflow.io.remove_stale_temporaries`) in what
+    this run writes: a participant's folder and report, or the group level's template folder and report
+    (runs of other participants may be writing beside them)."""
+    own = f"sub-{participant}" if participant else f"tpl-{UNBIASED}"
+    report = f"{own}.html" if participant else "group.html"
+    stale = remove_stale_temporaries(output_dir / own) if (output_dir / own).is_dir() else []
+    for path in output_dir.glob(f".{report}.*"):
+        if is_temporary(path):
+            path.unlink(missing_ok=True)
+            stale.append(path)
+    return stale
 
 
 def write_crash_files(folder: Path, failures: list[JobFailure]) -> list[Path]:

@@ -48,6 +48,7 @@ def group_inputs(participants: list[Participant], output_dir: Path) -> tuple[dic
 
 def run_group(participants: list[Participant], bids_dir: Path, output_dir: Path, options: RunOptions) -> dict[str, str]:
     """Build the group template into ``output_dir/tpl-unbiased/``; returns the participants left out."""
+    names.remove_stale_staging(output_dir)
     images, failed = group_inputs(participants, output_dir)
     for label, reason in failed.items():
         log.error("sub-%s left out of the group template: %s", label, reason)

@@ -55,6 +55,7 @@ def run_participant(participant: Participant, bids_dir: Path, output_dir: Path,
     """The longitudinal workflow on one participant, its derivatives written into ``output_dir``."""
     if not participant.images:
         raise RwcflowError(f"sub-{participant.label}: no structural image found")
+    names.remove_stale_staging(output_dir, participant.label)
     for image in participant.images:
         load_image(image)  # a clear one-line error for an unreadable input, before any work
     group = options.template.path

@@ -8,6 +8,7 @@ anisotropic voxels are handled by going through world coordinates, never by "sam
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -194,6 +195,25 @@ def atomic_write(path: PathLike, writer: Callable[[Path], object]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.tmp(\.[\w.]+)?")
+"""The name :func:`atomic_write` gives its temporary files."""
+
+
+def is_temporary(path: PathLike) -> bool:
+    """``path`` is a file named as :func:`atomic_write` names its temporary files."""
+    return Path(path).is_file() and _TEMPORARY.fullmatch(Path(path).name) is not None
+
+
+def remove_stale_temporaries(folder: PathLike) -> list[Path]:
+    """Remove the temporary files that :func:`atomic_write` left in ``folder`` and below when its process
+    was killed (SIGKILL, a lost node) between writing and renaming. Only for folders no other process is
+    writing into."""
+    stale = [path for path in Path(folder).rglob(".*") if is_temporary(path)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def write_atomically(img: nib.spatialimages.SpatialImage, path: PathLike) -> Path:

@@ -12,7 +12,7 @@ node after a SLURM time limit, or a zombie where nothing reaps orphaned processe
 
 A submission whose jobs fail raises :class:`~rwcflow.errors.JobsFailed`, naming each failed job, its
 exception and its traceback (Pydra's own error of a failed workflow names a workflow folder, often one
-that does not exist).
+that does not exist). A run stopped by a signal leaves nothing a re-run would take for finished work.
 
 One run at a time per cache and workflow: a second, concurrent run would clear the first's locks and run
 the same jobs again.
@@ -20,6 +20,7 @@ the same jobs again.
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 import re
 import shutil
@@ -53,6 +54,25 @@ class ResumingSubmitter(Submitter):
             if not failures:
                 raise
             raise JobsFailed(failures) from error
+        except BaseException:  # a signal (rwcflow.signals.Stopped), KeyboardInterrupt
+            self._cancel_pending()
+            forget_interrupted(self.cache_root, start)
+            raise
+
+    def close(self) -> None:
+        """Close the worker and Pydra's event loop, after cancelling the jobs' asyncio tasks a run
+        interrupted by a signal left pending (else each is reported as destroyed while pending)."""
+        self._cancel_pending()
+        super().close()
+
+    def _cancel_pending(self) -> None:
+        """Cancel the asyncio tasks of the jobs an interrupted run left suspended, and let them unwind."""
+        if not self.loop.is_closed() and not self.loop.is_running():
+            pending = [task for task in asyncio.all_tasks(self.loop) if not task.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
 
     def _check_locks(self, tasks: list) -> None:
         """Pydra's hook on the jobs ready to run (its own clears their job locks only)."""
@@ -68,6 +88,23 @@ def _clear_locks(job: Path, before: datetime) -> None:
                 lock.unlink()
         except FileNotFoundError:
             pass
+
+
+def forget_interrupted(cache: Path, since: float) -> list[Path]:
+    """Remove the cache folders of the jobs an interruption (a signal, Ctrl-C) ended since ``since``
+    while they ran in this process (workflows): Pydra saves their result as they unwind, with no outputs
+    and no error, which a re-run would take for finished work. (Jobs in job processes are killed before
+    they save anything.)"""
+    interrupted = []
+    for path in cache.glob("*/_result.pklz") if cache.is_dir() else []:
+        if path.stat().st_mtime < since:
+            continue
+        with path.open("rb") as file:
+            result = pickle.load(file)
+        if result.outputs is None and not result.errored:
+            interrupted.append(path.parent)
+            shutil.rmtree(path.parent, ignore_errors=True)
+    return interrupted
 
 
 def forget_failures(cache: Path) -> list[Path]:
