@@ -132,6 +132,21 @@ def test_failed_save_removes_its_temporary_file(tmp_path):
     assert os.listdir(blocker) == ["keep"]
 
 
+def test_stale_temporaries_of_a_killed_write_are_found_and_removed(tmp_path):
+    """What atomic_write leaves when killed between writing and renaming, and nothing else."""
+    image = io.Image(np.ones((4, 4, 4), np.float32), np.eye(4))
+    (tmp_path / "sub").mkdir()
+    left = tmp_path / "sub" / ".image.nii.gz.0123456789ab.tmp.nii.gz"
+    io.save_image(image, left)  # as a SIGKILL between writing and renaming leaves it
+    kept = [io.save_image(image, tmp_path / "sub" / "image.nii.gz"), tmp_path / ".rwcflow-run.lock",
+            tmp_path / ".image.nii.gz.not-hex-name.tmp.nii.gz"]
+    for path in kept[1:]:
+        path.write_text("x")
+    assert io.is_temporary(left) and not any(io.is_temporary(path) for path in kept)
+    assert io.remove_stale_temporaries(tmp_path) == [left]
+    assert not left.exists() and all(path.exists() for path in kept)
+
+
 def test_image_tensor_and_grid():
     image = io.Image(np.arange(24, dtype=np.int16).reshape(2, 3, 4), RAS_AFFINE)
     tensor = image.tensor()
