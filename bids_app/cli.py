@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rwcflow import __version__
+from rwcflow.checks import check_at_least, check_device, check_model, check_output_folder
 from rwcflow.cpus import available_cpus
 from rwcflow.errors import JobsFailed, RwcflowError
 from rwcflow.run_lock import WorkFolderLock
@@ -109,8 +110,7 @@ def run(args: argparse.Namespace) -> int:
     dataset.check_dataset(bids_dir)
     dataset.check_output_location(bids_dir, output_dir, "output folder")
     dataset.check_output_location(bids_dir, work_dir, "work folder")
-    if args.nprocs < 1 or args.omp_nthreads < 1:
-        raise RwcflowError("--nprocs and --omp-nthreads must be at least 1")
+    check_options(args, output_dir, work_dir)
     if not args.skip_bids_validation:
         dataset.validate(bids_dir)
     filters = dataset.read_filters(args.bids_filter_file)
@@ -119,6 +119,20 @@ def run(args: argparse.Namespace) -> int:
     work_dir.mkdir(parents=True, exist_ok=True)
     with WorkFolderLock(work_dir, wait=args.wait_for_lock):
         return _run_level(args, participants, bids_dir, output_dir, work_dir)
+
+
+def check_options(args: argparse.Namespace, output_dir: Path, work_dir: Path) -> None:
+    """Every option, before any work: one line naming the option or file and the problem."""
+    check_output_folder("output folder", output_dir)
+    check_output_folder("--work-dir", work_dir)
+    for option, value, minimum in (("--nprocs", args.nprocs, 1), ("--omp-nthreads", args.omp_nthreads, 1),
+                                   ("--io-iters", args.io_iters, 0),
+                                   ("--longitudinal-iterations", args.longitudinal_iterations, 1),
+                                   ("--group-iterations", args.group_iterations, 1),
+                                   ("--random-seed", args.random_seed, 0)):
+        check_at_least(option, value, minimum)
+    check_model("--model", args.model)
+    check_device("--device", args.device)
 
 
 def _run_level(args: argparse.Namespace, participants: list, bids_dir: Path, output_dir: Path,

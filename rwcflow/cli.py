@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rwcflow import __version__
+from rwcflow.checks import check_at_least, check_device, check_model, check_output_folder
 from rwcflow.errors import RwcflowError
 from rwcflow.register import register
 
@@ -48,10 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"{PROG}: %(message)s")
-    if args.io_iters is not None and args.io_iters < 0:
-        print(f"{PROG}: error: --io-iters must be 0 or more", file=sys.stderr)
-        return 2
     try:
+        check_output_folder("--out-dir", args.out_dir)  # before minutes of computing
+        check_at_least("--io-iters", args.io_iters, 0)
+        check_model("--model", args.model)
+        check_device("--device", args.device)
         result = register(
             args.fixed, args.moving,
             model=args.model,

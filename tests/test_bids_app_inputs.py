@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from rwcflow.bids_app import dataset
 from rwcflow.bids_app.cli import main
@@ -128,3 +129,44 @@ def test_bids_validation_refuses_files_outside_bids_unless_skipped(raw, tmp_path
     assert code == 2 and "fails BIDS validation" in line and "sub-01/ses-1/anat/T1.nii.gz" in line
     # skipped, the run goes on to the next check (here: the unknown participant)
     _fails(capsys, [str(raw), str(tmp_path / "out"), "participant", "--participant-label", "09"], "09 not found")
+
+
+CORRUPT_MODEL = b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}"
+
+
+@pytest.mark.parametrize(("options", "fragments"), [
+    (["--model", "nope.safetensors"], ["nope.safetensors", "--model: no such model file"]),
+    (["--model", "{corrupt}"], ["corrupt.safetensors", "not a readable safetensors model file"]),
+    (["--model", "{folder}"], ["--model: not a file"]),
+    (["--io-iters", "-5"], ["--io-iters: must be 0 or more, got -5"]),
+    (["--nprocs", "0"], ["--nprocs: must be 1 or more, got 0"]),
+    (["--omp-nthreads", "0"], ["--omp-nthreads: must be 1 or more"]),
+    (["--longitudinal-iterations", "0"], ["--longitudinal-iterations: must be 1 or more"]),
+    (["--group-iterations", "-1"], ["--group-iterations: must be 1 or more"]),
+    (["--random-seed", "-3"], ["--random-seed: must be 0 or more"]),
+    (["-w", "{file}"], ["a-file", "--work-dir: is a file, not a folder"]),
+    (["-w", "{under_file}"], ["--work-dir: lies under the file", "a-file"]),
+])
+def test_bad_options_stop_before_anything_is_written(raw, tmp_path, capsys, options, fragments):
+    (tmp_path / "corrupt.safetensors").write_bytes(CORRUPT_MODEL)
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "folder.safetensors").mkdir()
+    values = {"corrupt": tmp_path / "corrupt.safetensors", "folder": tmp_path / "folder.safetensors",
+              "file": tmp_path / "a-file", "under_file": tmp_path / "a-file" / "work"}
+    options = [option.format(**values) for option in options]
+    before = sorted(tmp_path.rglob("*"))
+    _fails(capsys, [str(raw), str(tmp_path / "out"), "participant", *options], *fragments)
+    assert sorted(tmp_path.rglob("*")) == before  # no output or work folder, no log
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_on_a_machine_without_one(raw, tmp_path, capsys):
+    _fails(capsys, [str(raw), str(tmp_path / "out"), "participant", "--device", "cuda"],
+           "--device: CUDA was asked for but no CUDA device is available")
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_folder_that_is_a_file(raw, tmp_path, capsys):
+    (tmp_path / "out").write_text("x")
+    _fails(capsys, [str(raw), str(tmp_path / "out"), "participant"], "output folder: is a file, not a folder")
+    _fails(capsys, [str(raw), str(tmp_path / "out" / "derivatives"), "participant"], "lies under the file")

@@ -127,6 +127,14 @@ def _bad_inputs(tmp_path, files):
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x00" * 64)
     bad["corrupt model"] = ({"--model": corrupt}, "corrupt.safetensors", "safetensors")
+    bad["missing model"] = ({"--model": tmp_path / "nope.safetensors"}, "nope.safetensors", "no such model file")
+    bad["negative iterations"] = ({"--io-iters": "-5"}, "--io-iters", "must be 0 or more, got -5")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    bad["out-dir is a file"] = ({"--out-dir": blocker}, "a-file", "--out-dir: is a file, not a folder")
+    bad["out-dir under a file"] = ({"--out-dir": blocker / "out"}, "a-file", "lies under the file")
+    if not torch.cuda.is_available():
+        bad["cuda without a GPU"] = ({"--device": "cuda"}, "--device", "no CUDA device is available")
     return bad
 
 
