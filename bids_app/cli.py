@@ -21,7 +21,7 @@ from pathlib import Path
 from rwcflow import __version__
 from rwcflow.checks import check_at_least, check_device, check_model, check_output_folder
 from rwcflow.cpus import available_cpus
-from rwcflow.errors import JobsFailed, RwcflowError
+from rwcflow.errors import JobsFailed, RwcflowError, os_error_line
 from rwcflow.run_lock import WorkFolderLock
 from rwcflow.signals import Stopped, stop_on_signals
 
@@ -98,6 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RwcflowError as exc:
         print(f"rwcflow: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, permission denied, a folder the container does not see
+        print(f"rwcflow: error: {os_error_line(exc)}", file=sys.stderr)
+        return 1
     except Stopped as stop:
         print(f"rwcflow: stopped by {stop}: every job stopped, nothing half-written; run the same command "
               f"again (same work folder) to resume", file=sys.stderr)

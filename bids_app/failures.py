@@ -7,7 +7,7 @@ from __future__ import annotations
 import traceback
 from pathlib import Path
 
-from rwcflow.errors import JobFailure, JobsFailed, RwcflowError
+from rwcflow.errors import JobFailure, JobsFailed, RwcflowError, os_error_line
 
 from . import derivatives as names
 
@@ -16,6 +16,8 @@ def failure_reason(exc: Exception) -> str:
     """One line: rwcflow's own errors as they are (a failed job, bad input), others with their type."""
     if isinstance(exc, RwcflowError):
         return str(exc)
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {os_error_line(exc)}"
     message = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {message[-1] if message else ''}"
 
@@ -32,5 +34,8 @@ def record_failure(exc: Exception, output_dir: Path, run_id: str, participant: s
         kind, _, message = failure_reason(exc).partition(": ")
         failures = [JobFailure("rwcflow", "participant" if participant else "group", kind, message,
                                "".join(traceback.format_exception(exc)))]
-    crashes = names.write_crash_files(names.crash_folder(output_dir, run_id, participant), failures)
+    try:
+        crashes = names.write_crash_files(names.crash_folder(output_dir, run_id, participant), failures)
+    except OSError as error:  # the disk that is full, a folder gone
+        return f"{failure_reason(exc)} (no crash file: {os_error_line(error)})"
     return f"{failure_reason(exc)} (traceback: {crashes[0].relative_to(output_dir)})"

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from rwcflow import __version__
 from rwcflow.checks import check_at_least, check_device, check_model, check_output_folder
-from rwcflow.errors import RwcflowError
+from rwcflow.errors import RwcflowError, os_error_line
+from rwcflow.signals import Stopped, stop_on_signals
 from rwcflow.register import register
 
 PROG = "rwcflow-register"
@@ -50,23 +51,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"{PROG}: %(message)s")
     try:
-        check_output_folder("--out-dir", args.out_dir)  # before minutes of computing
-        check_at_least("--io-iters", args.io_iters, 0)
-        check_model("--model", args.model)
-        check_device("--device", args.device)
-        result = register(
-            args.fixed, args.moving,
-            model=args.model,
-            affine=not args.no_affine,
-            instance_optimization=True if args.io_iters is None else args.io_iters,
-            device=args.device,
-            fixed_mask=args.fixed_mask, moving_mask=args.moving_mask,
-            fixed_labels=args.fixed_labels, moving_labels=args.moving_labels,
-        )
-        written = result.write(args.out_dir, include_affine=not args.separate_affine)
+        with stop_on_signals():
+            return _register(args)
     except RwcflowError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, permission denied while writing: not bad input
+        print(f"{PROG}: error: {os_error_line(exc)}; nothing was written", file=sys.stderr)
+        return 1
+    except Stopped as stop:
+        print(f"{PROG}: stopped by {stop}; nothing was written", file=sys.stderr)
+        return stop.exit_status
+
+
+def _register(args: argparse.Namespace) -> int:
+    """Check the options, register, write the outputs (all or none), report."""
+    check_output_folder("--out-dir", args.out_dir)  # before minutes of computing
+    check_at_least("--io-iters", args.io_iters, 0)
+    check_model("--model", args.model)
+    check_device("--device", args.device)
+    result = register(
+        args.fixed, args.moving,
+        model=args.model,
+        affine=not args.no_affine,
+        instance_optimization=True if args.io_iters is None else args.io_iters,
+        device=args.device,
+        fixed_mask=args.fixed_mask, moving_mask=args.moving_mask,
+        fixed_labels=args.fixed_labels, moving_labels=args.moving_labels,
+    )
+    written = result.write(args.out_dir, include_affine=not args.separate_affine)
     if args.verbose:
         for path in written:
             print(path)

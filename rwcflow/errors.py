@@ -10,6 +10,14 @@ class RwcflowError(Exception):
     """Base class of every error rwcflow reports to the user."""
 
 
+def os_error_line(exc: OSError) -> str:
+    """An operating-system error (disk full, permission denied, a path the container does not see) as one
+    line: the file written (a copy's or a rename's destination) and the system's words for the problem."""
+    where = exc.filename2 or exc.filename or ""  # a copy's or a rename's destination, else the one file
+    problem = exc.strerror or str(exc)
+    return f"{where}: {problem}" if where else problem
+
+
 class InputError(RwcflowError):
     """An input file is missing, unreadable or unsuitable; the message names the file."""
 

@@ -191,10 +191,17 @@ def atomic_write(path: PathLike, writer: Callable[[Path], object]) -> Path:
     try:
         writer(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno is not None and not (exc.filename or exc.filename2):
+            raise named_os_error(exc, path) from exc  # a writer's error without the file (gzip, nibabel)
         raise
     return path
+
+
+def named_os_error(exc: OSError, path: PathLike) -> OSError:
+    """``exc`` (the system's error, such as a full disk) naming ``path`` as the file written."""
+    return type(exc)(exc.errno, exc.strerror, str(path))
 
 
 _TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.tmp(\.[\w.]+)?")

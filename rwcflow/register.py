@@ -27,7 +27,7 @@ from rwcflow.transforms import mapped_coordinates, sample_image
 from rwcflow.affine import affine_align
 from rwcflow.checkpoint import resolve_model
 from rwcflow.errors import InputError
-from rwcflow.io import Grid, Image, load_image, normalize_intensity, read_keypoints, save_image
+from rwcflow.io import Grid, Image, load_image, named_os_error, normalize_intensity, read_keypoints, save_image
 from rwcflow.metrics import registration_metrics
 from rwcflow.models import RWCNet, resize
 from rwcflow.optimize import InstanceOptimization, instance_optimize
@@ -107,6 +107,10 @@ class Registration:
                 os.replace(item, out_dir / item.name)
                 written.append(out_dir / item.name)
             return written
+        except OSError as exc:
+            if exc.errno is not None and not (exc.filename or exc.filename2):
+                raise named_os_error(exc, out_dir) from exc  # a full disk, found by gzip or nibabel
+            raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
