@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -63,9 +64,11 @@ def crash_folder(output_dir: Path, run_id: str, participant: str | None = None) 
 
 
 def remove_stale_staging(output_dir: Path, participant: str | None = None) -> list[Path]:
-    """Remove the temporary files a killed run left (:func:`rwcflow.io.remove_stale_temporaries`) in what
-    this run writes: a participant's folder and report, or the group level's template folder and report
-    (runs of other participants may be writing beside them)."""
+    """Clear what a killed run left in what this run writes: a participant's folder and report, or the
+    group level's template folder and report (runs of other participants may be writing beside them).
+    Temporary files (:func:`rwcflow.io.remove_stale_temporaries`) and staging folders
+    (:func:`publish_together`) are removed; a folder set aside just before its replacement was moved in is
+    put back."""
     own = f"sub-{participant}" if participant else f"tpl-{UNBIASED}"
     report = f"{own}.html" if participant else "group.html"
     stale = remove_stale_temporaries(output_dir / own) if (output_dir / own).is_dir() else []
@@ -73,6 +76,12 @@ def remove_stale_staging(output_dir: Path, participant: str | None = None) -> li
         if is_temporary(path):
             path.unlink(missing_ok=True)
             stale.append(path)
+    for path in sorted(output_dir.glob(f".{own}.*.old")) + sorted(output_dir.glob(f".{own}.*.staging")):
+        if path.suffix == ".old" and not (output_dir / own).exists():
+            os.rename(path, output_dir / own)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        stale.append(path)
     return stale
 
 
@@ -113,6 +122,40 @@ def copy_output(produced: Path, path: Path, sidecar: dict | None = None) -> Path
     if sidecar is not None:
         write_json(path.parent / (path.name.split(".")[0] + ".json"), sidecar)
     return path
+
+
+def publish_together(output_dir: Path, folder: str, files: list[tuple[Path, Path, dict | None]]) -> None:
+    """Copy ``files`` (each: a produced file, its derivative path under ``output_dir/folder``, its sidecar
+    or ``None``) so that they appear together. They are written into a staging copy of the folder beside
+    it, which replaces the folder in one rename; files of the old folder not in the set (another level's
+    outputs, crash files, figures) are carried over, as hard links. A run killed before the rename leaves
+    the old folder as it was; one killed between the two renames (the old folder set aside, the new one
+    not yet in place) has its old folder put back by the next run (:func:`remove_stale_staging`)."""
+    token = secrets.token_hex(6)
+    final = output_dir / folder
+    staging, retired = output_dir / f".{folder}.{token}.staging", output_dir / f".{folder}.{token}.old"
+    try:
+        for produced, path, sidecar in files:
+            copy_output(produced, staging / path.relative_to(final), sidecar)
+        for old in final.rglob("*") if final.is_dir() else []:
+            new = staging / old.relative_to(final)
+            if old.is_file() and not new.exists():
+                new.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(old, new)
+                except OSError:  # a file system without hard links
+                    shutil.copy2(old, new)
+        if final.is_dir():
+            os.rename(final, retired)
+        try:
+            os.rename(staging, final)
+        except BaseException:
+            if retired.is_dir():
+                os.rename(retired, final)
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def dataset_description(output_dir: Path, bids_dir: Path) -> Path:

@@ -68,56 +68,57 @@ def run_participant(participant: Participant, bids_dir: Path, output_dir: Path,
 
 
 def _write(participant: Participant, out, bids_dir: Path, output_dir: Path, options: RunOptions) -> ParticipantResult:
-    """Copy the workflow's outputs into the derivatives, with sidecars; the report's view of them."""
+    """Copy the workflow's outputs into the derivatives, with sidecars, all appearing together
+    (:func:`~rwcflow.bids_app.derivatives.publish_together`); the report's view of them."""
     label, space, group = participant.label, names.SUBJECT_SPACE, options.template
     sources = [names.bids_uri(image, bids_dir, "raw") for image in participant.images]
+    files: list[tuple[Path, Path, dict | None]] = []  # (produced, derivative, sidecar)
 
-    def sidecar(description: str, sources: list[str], **extra) -> dict:
-        return {"Description": description, "Sources": sources, "rwcflow": options.parameters(), **extra}
+    def add(produced, path: Path, description: str, sources: list[str], **extra) -> Path:
+        files.append((Path(produced), path, {"Description": description, "Sources": sources,
+                                             "rwcflow": options.parameters(), **extra}))
+        return path
 
-    template = names.copy_output(
-        Path(out.template), names.participant_path(output_dir, label, "desc-template_T1w.nii.gz"),
-        sidecar("Unbiased within-subject template of the participant's sessions (space T1w)", sources))
-    template_image = load_image(template)  # read once for every session's metrics
+    template = add(out.template, names.participant_path(output_dir, label, "desc-template_T1w.nii.gz"),
+                   "Unbiased within-subject template of the participant's sessions (space T1w)", sources)
+    template_image = load_image(out.template)  # read once for every session's metrics
     field = {"TransformType": "displacement field (ITK, LPS mm)"}
     sessions = []
     for n, image in enumerate(participant.images):
         source = [names.bids_uri(image, bids_dir, "raw")]
-        xfm = names.copy_output(Path(out.xfms[n]), names.derivative_path(
-            output_dir, image, f"from-orig_to-{space}_mode-image_xfm.nii.gz"),
-            sidecar("Resamples the session into the within-subject template", source, **field))
-        names.copy_output(Path(out.inverse_xfms[n]), names.derivative_path(
-            output_dir, image, f"from-{space}_to-orig_mode-image_xfm.nii.gz"),
-            sidecar("Resamples the within-subject template into the session", source, **field))
-        registered = names.copy_output(Path(out.warped[n]), names.derivative_path(
-            output_dir, image, f"space-{space}_desc-registered_T1w.nii.gz"),
-            sidecar("The session resampled into the within-subject template", source, SpatialReference=str(xfm.name)))
-        jacobian = names.copy_output(Path(out.jacobians[n]), names.derivative_path(
-            output_dir, image, f"space-{space}_jacobian.nii.gz"),
-            sidecar("Jacobian determinant of the template->session mapping: > 1 where the session is larger "
-                    "than the template", source))
-        log_jacobian = names.copy_output(Path(out.log_jacobians[n]), names.derivative_path(
-            output_dir, image, f"space-{space}_desc-log_jacobian.nii.gz"),
-            sidecar("Natural log of the Jacobian determinant (tensor-based morphometry)", source))
+        def derivative(name: str) -> Path:
+            return names.derivative_path(output_dir, image, name)
+
+        xfm = add(out.xfms[n], derivative(f"from-orig_to-{space}_mode-image_xfm.nii.gz"),
+                  "Resamples the session into the within-subject template", source, **field)
+        add(out.inverse_xfms[n], derivative(f"from-{space}_to-orig_mode-image_xfm.nii.gz"),
+            "Resamples the within-subject template into the session", source, **field)
+        registered = add(out.warped[n], derivative(f"space-{space}_desc-registered_T1w.nii.gz"),
+                         "The session resampled into the within-subject template", source,
+                         SpatialReference=str(xfm.name))
+        jacobian = add(out.jacobians[n], derivative(f"space-{space}_jacobian.nii.gz"),
+                       "Jacobian determinant of the template->session mapping: > 1 where the session is larger "
+                       "than the template", source)
+        log_jacobian = add(out.log_jacobians[n], derivative(f"space-{space}_desc-log_jacobian.nii.gz"),
+                           "Natural log of the Jacobian determinant (tensor-based morphometry)", source)
         if group.path is not None:
-            names.copy_output(Path(out.group_xfms[n]), names.derivative_path(
-                output_dir, image, f"from-orig_to-{group.name}_mode-image_xfm.nii.gz"),
-                sidecar(f"Resamples the session into {group.name}, through the within-subject template", source, **field))
-            names.copy_output(Path(out.group_warped[n]), names.derivative_path(
-                output_dir, image, f"space-{group.name}_desc-registered_T1w.nii.gz"),
-                sidecar(f"The session resampled into {group.name}", source))
+            add(out.group_xfms[n], derivative(f"from-orig_to-{group.name}_mode-image_xfm.nii.gz"),
+                f"Resamples the session into {group.name}, through the within-subject template", source, **field)
+            add(out.group_warped[n], derivative(f"space-{group.name}_desc-registered_T1w.nii.gz"),
+                f"The session resampled into {group.name}", source)
         single = len(participant.images) == 1
         sessions.append(SessionResult(
             session=entities(image).get("ses"), t1w=image, registered=registered,
             jacobian=None if single else jacobian, log_jacobian=None if single else log_jacobian,
-            metrics=_session_metrics(template_image, registered, log_jacobian)))
+            metrics=_session_metrics(template_image, Path(out.warped[n]), Path(out.log_jacobians[n]))))
     group_registered = None
     if group.path is not None:
-        names.copy_output(Path(out.group_xfm), names.participant_path(
-            output_dir, label, f"from-{space}_to-{group.name}_mode-image_xfm.nii.gz"),
-            sidecar(f"Resamples the within-subject template into {group.name}", sources, **field))
+        add(out.group_xfm,
+            names.participant_path(output_dir, label, f"from-{space}_to-{group.name}_mode-image_xfm.nii.gz"),
+            f"Resamples the within-subject template into {group.name}", sources, **field)
         first = participant.images[0]
         group_registered = names.derivative_path(output_dir, first, f"space-{group.name}_desc-registered_T1w.nii.gz")
+    names.publish_together(output_dir, f"sub-{label}", files)
     return ParticipantResult(label, template=template, sessions=sessions, group_template=group.path,
                              group_registered=group_registered, parameters=options.parameters())
 
