@@ -17,16 +17,16 @@ from rwcflow.cpus import available_cpus, cgroup_cpu_quota
 PRINT_CPUS = "from rwcflow.cpus import available_cpus; print(available_cpus())"
 
 
-def _own_cgroups() -> tuple[Path | None, Path | None]:
-    """This process's cgroup v2 path and v1 ``cpu`` path, relative to their mounts."""
-    v2 = v1 = None
+def _own_cgroup(root: Path, version: int) -> Path:
+    """This process's cgroup folder (v2, or v1's ``cpu`` controller) as it would lie under ``root``,
+    made; skips the test when the process has none of that version."""
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         _, controllers, path = line.split(":", 2)
-        if controllers == "":
-            v2 = Path(path.lstrip("/"))
-        elif "cpu" in controllers.split(","):
-            v1 = Path(controllers) / path.lstrip("/")
-    return v2, v1
+        if (version == 2 and controllers == "") or (version == 1 and "cpu" in controllers.split(",")):
+            folder = root / ("" if version == 2 else controllers) / path.lstrip("/")
+            folder.mkdir(parents=True, exist_ok=True)
+            return folder
+    pytest.skip(f"no cgroup v{version} cpu entry in /proc/self/cgroup")
 
 
 def test_no_quota_files_no_quota(tmp_path):
@@ -35,11 +35,7 @@ def test_no_quota_files_no_quota(tmp_path):
 
 
 def test_cgroup_v2_quota_rounded_up_and_the_tightest_of_the_ancestors_wins(tmp_path):
-    v2, _ = _own_cgroups()
-    if v2 is None:
-        pytest.skip("no cgroup v2 entry in /proc/self/cgroup")
-    own = tmp_path / v2
-    own.mkdir(parents=True, exist_ok=True)
+    own = _own_cgroup(tmp_path, 2)
     (own / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs: 2 whole ones
     assert cgroup_cpu_quota(tmp_path) == 2
     (own / "cpu.max").write_text("max 100000\n")
@@ -50,11 +46,7 @@ def test_cgroup_v2_quota_rounded_up_and_the_tightest_of_the_ancestors_wins(tmp_p
 
 
 def test_cgroup_v1_quota(tmp_path):
-    _, v1 = _own_cgroups()
-    if v1 is None:
-        pytest.skip("no cgroup v1 cpu controller in /proc/self/cgroup")
-    own = tmp_path / v1
-    own.mkdir(parents=True, exist_ok=True)
+    own = _own_cgroup(tmp_path, 1)
     (own / "cpu.cfs_period_us").write_text("100000\n")
     (own / "cpu.cfs_quota_us").write_text("-1\n")
     assert cgroup_cpu_quota(tmp_path) is None
