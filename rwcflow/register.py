@@ -32,6 +32,10 @@ from rwcflow.metrics import registration_metrics
 from rwcflow.models import RWCNet, resize
 from rwcflow.optimize import InstanceOptimization, instance_optimize
 
+STAGING_PREFIX = ".rwcflow-"
+STALE_STAGING_S = 3600.0
+"""A staging folder of :meth:`Registration.write` older than this was left by a killed run."""
+
 log = logging.getLogger(__name__)
 
 ImageLike = Image | str | os.PathLike
@@ -90,10 +94,13 @@ class Registration:
     def write(self, out_dir: str | os.PathLike, *, include_affine: bool = True, prefix: str = "") -> list[Path]:
         """Write ``warped.nii.gz``, the transforms and, with labels, ``warped_labels.nii.gz`` and
         ``metrics.json`` (each name after ``prefix``) into ``out_dir``: all together or none, through a
-        temporary folder inside it."""
+        temporary folder inside it. Such folders a killed run left (older than an hour) are removed."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".rwcflow-", dir=out_dir))
+        for stale in out_dir.glob(f"{STAGING_PREFIX}*"):  # left by a killed run: a staging lives seconds
+            if stale.is_dir() and time.time() - stale.stat().st_mtime > STALE_STAGING_S:
+                shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
         try:
             save_image(self.warped, staging / f"{prefix}warped.nii.gz")
             self.write_transforms(staging, xfm=f"{prefix}xfm.nii.gz", affine=f"{prefix}affine.txt",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import nibabel as nib
 import numpy as np
@@ -165,3 +167,16 @@ def test_separate_affine_chain_equals_the_composed_field(pair_files, tmp_path):
     whole, grid = read_displacement_field(combined / "xfm.nii.gz")
     points = grid.voxel_to_world(np.moveaxis(np.indices(grid.shape), 0, -1)).reshape(-1, 3)
     np.testing.assert_allclose(chain.map(points), points + whole.reshape(-1, 3), atol=1e-3)
+
+
+def test_staging_folders_a_killed_run_left_are_removed(pair_files, tmp_path):
+    out = tmp_path / "out"
+    stale, fresh = out / ".rwcflow-killed", out / ".rwcflow-running"
+    stale.mkdir(parents=True)
+    fresh.mkdir()
+    (stale / "warped.nii.gz").write_text("half")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    assert cli.main(_args(pair_files, out)) == 0
+    assert not stale.exists() and fresh.is_dir()  # a staging folder of seconds ago may be another run's
+    assert {path.name for path in out.iterdir()} == {"warped.nii.gz", "xfm.nii.gz", "affine.txt", fresh.name}
