@@ -42,7 +42,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rwcflow import metrics, spatial
 from rwcflow.checkpoint import default_model_path, load_model, read_metadata, save_model
+from rwcflow.checks import check_at_least, check_device, check_model, check_output_folder
 from rwcflow.datasets import Pair, PairSource, StepPairs, SyntheticSource, first, make_source
+from rwcflow.errors import RwcflowError
 from rwcflow.io import atomic_write
 from rwcflow.losses import diffusion_loss, keypoint_loss, mse_loss, ncc_loss, soft_dice_loss
 from rwcflow.models import RWCNet, RWCNetConfig, StageConfig, axis_patches, resize, resize_region, stage_shape
@@ -755,6 +757,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     time_limit = None if args.time_limit is None else 60.0 * args.time_limit
     deadline = None if time_limit is None else time.monotonic() + time_limit
     try:
+        check_output_folder("out_dir", args.out_dir)
+        check_at_least("--time-limit", args.time_limit, 0)
+        check_at_least("--stop-at", args.stop_at, 1)
+        for stage in args.stages or []:
+            check_at_least("--stages", stage, 0)
+        if args.init_model is not None:
+            check_model("--init-model", str(args.init_model))
+        if args.device:
+            check_device("--device", args.device)
         config = load_config(args.config)
         if args.device:
             config = replace(config, device=args.device)
@@ -768,7 +779,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             model = train(config, args.out_dir, stages=args.stages, init_model=args.init_model, time_limit_s=time_limit,
                           progress=not args.quiet)
-    except (OSError, ValueError) as exc:
+    except (RwcflowError, OSError, ValueError) as exc:
         print(f"rwcflow-train: error: {exc}", file=sys.stderr)
         return 2
     if model is None and deadline is not None and time.monotonic() >= deadline:
