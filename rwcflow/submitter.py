@@ -147,7 +147,8 @@ def failures_in_message(message: str) -> list[JobFailure]:
         traceback = message[match.end():following.start() if following else len(message)]
         traceback = traceback.split("\n\nSee output directory for details:")[0].strip()
         if "failed with errors" not in traceback:
-            failures.append(JobFailure(match["job"], match["task"], *exception_of(traceback), traceback))
+            job = re.sub(r"\((\d+)\)$", r"[\1]", match["job"])  # Pydra's "register(1)": as failed_jobs names it
+            failures.append(JobFailure(job, match["task"], *exception_of(traceback), traceback))
     return failures
 
 
