@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     filters = dataset.read_filters(args.bids_filter_file)
     participants = dataset.find_participants(bids_dir, participants=args.participant_label,
                                              sessions=args.session_label, modality=args.modality, filters=filters)
+    dataset.check_images(participants)
     work_dir.mkdir(parents=True, exist_ok=True)
     with WorkFolderLock(work_dir, wait=args.wait_for_lock):
         return _run_level(args, participants, bids_dir, output_dir, work_dir)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rwcflow.errors import InputError
+from rwcflow.io import load_image
 
 log = logging.getLogger("rwcflow")
 
@@ -154,3 +155,11 @@ def find_participants(bids_dir: Path, *, participants: list[str] | None = None, 
     if not any(participant.images for participant in selected):
         raise InputError(bids_dir, f"no {query['suffix']} images found for the selected participants")
     return selected
+
+
+def check_images(participants: list[Participant]) -> None:
+    """Every selected structural image reads as one 3-D volume of finite values, not all zero
+    (:func:`rwcflow.io.load_image`): an unreadable one is bad input, refused before any work."""
+    for participant in participants:
+        for image in participant.images:
+            load_image(image)

@@ -2,7 +2,7 @@
 templates when the participant level has run (read from the output folder), otherwise from their
 first structural image; every participant's transform to it, and the group report.
 
-A participant whose image cannot be read is left out with a message; the template needs two.
+A participant whose within-subject template cannot be read is left out with a message; the template needs two.
 """
 
 from __future__ import annotations

@@ -56,8 +56,6 @@ def run_participant(participant: Participant, bids_dir: Path, output_dir: Path,
     if not participant.images:
         raise RwcflowError(f"sub-{participant.label}: no structural image found")
     names.remove_stale_staging(output_dir, participant.label)
-    for image in participant.images:
-        load_image(image)  # a clear one-line error for an unreadable input, before any work
     group = options.template.path
     workflow = Longitudinal(sessions=participant.images, iterations=options.longitudinal_iterations,
                             model=options.model, io_iters=options.io_iters, device=options.device,

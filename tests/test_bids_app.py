@@ -127,19 +127,19 @@ def test_reports_reference_files_that_exist(study, report):
         assert (path.parent / target).is_file(), target
 
 
-def test_a_failing_participant_does_not_sink_the_others(study, tmp_path, capsys):
+def test_an_unreadable_image_is_bad_input_refused_before_any_work(study, tmp_path, capsys):
+    """Bad input stops the run (exit 2), naming the file, before anything is written; a participant whose
+    processing fails does not stop the others (tests/test_bids_app_failures.py)."""
     raw = tmp_path / "raw"
     shutil.copytree(study["raw"], raw)
     broken = raw / "sub-02" / "ses-2" / "anat" / "sub-02_ses-2_T1w.nii.gz"
     broken.write_bytes(b"not an image")
     out = tmp_path / "out"
-    code = main([str(raw), str(out), "participant", "-w", str(study["work"]), *FAST])
-    assert code == 1
-    err = capsys.readouterr().err
-    assert "sub-02 failed" in err and "sub-02_ses-2_T1w.nii.gz: not a readable" in err
-    assert (out / "sub-01" / "anat" / "sub-01_desc-template_T1w.nii.gz").is_file()
-    assert not (out / "sub-02" / "anat").exists()
-    assert "not a readable" in (out / "sub-02.html").read_text()
+    code = main([str(raw), str(out), "participant", "-w", str(tmp_path / "work"), *FAST])
+    assert code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("rwcflow: error: ") and "sub-02_ses-2_T1w.nii.gz: not a readable" in line
+    assert not out.exists() and not (tmp_path / "work").exists()
 
 
 def test_rerun_resumes_and_same_seed_gives_identical_outputs(study, tmp_path):

@@ -69,9 +69,11 @@ def _crash_files(folder: Path) -> list[Path]:
 
 def test_failed_job_is_named_everywhere_and_its_traceback_survives_the_next_run(raw, tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    command = [str(raw), str(out), "participant", "-w", str(work), "--participant-label", "01", *FAST]
-    code, err = _run_killing_a_job(command)
+    command = [str(raw), str(out), "participant", "-w", str(work), *FAST]
+    code, err = _run_killing_a_job(command)  # sub-01's jobs
     assert code == 1
+    # the others go on
+    assert "sub-02 done" in err and (out / "sub-02" / "anat" / "sub-02_desc-template_T1w.nii.gz").is_file()
     line = next(line for line in err.splitlines() if "sub-01 failed" in line)
     assert KILLED.search(line), line
     assert "See output directory" not in err and "Traceback" not in err
