@@ -20,6 +20,7 @@ from pathlib import Path
 
 from rwcflow import __version__
 from rwcflow.checks import check_at_least, check_device, check_model, check_output_folder
+from rwcflow.console import command_logging
 from rwcflow.cpus import available_cpus
 from rwcflow.errors import JobsFailed, RwcflowError, os_error_line
 from rwcflow.run_lock import WorkFolderLock
@@ -91,9 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.verbose)
+    # progress (per participant, per registration) on stderr; -v adds rwcflow's details, -vv Pydra's
+    logging.getLogger("pydra").setLevel(logging.DEBUG if args.verbose >= 2 else logging.WARNING)
+    formatter = logging.Formatter("%(asctime)s rwcflow: %(message)s", "%H:%M:%S")
     try:
-        with stop_on_signals():
+        with command_logging(logging.DEBUG if args.verbose >= 1 else logging.INFO, formatter), stop_on_signals():
             return run(args)
     except RwcflowError as exc:
         print(f"rwcflow: error: {exc}", file=sys.stderr)
@@ -188,17 +191,6 @@ def _seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _configure_logging(verbosity: int) -> None:
-    """Progress (per participant, per registration) on stderr; ``-v`` adds rwcflow's details, ``-vv``
-    Pydra's."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s rwcflow: %(message)s", "%H:%M:%S"))
-    log.handlers[:] = [handler]
-    log.setLevel(logging.DEBUG if verbosity >= 1 else logging.INFO)
-    log.propagate = False
-    logging.getLogger("pydra").setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
 
 
 def _log_to_file(output_dir: Path, level: str) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rwcflow import __version__
 from rwcflow.checks import check_at_least, check_device, check_model, check_output_folder
+from rwcflow.console import command_logging
 from rwcflow.errors import RwcflowError, os_error_line
 from rwcflow.signals import Stopped, stop_on_signals
 from rwcflow.register import register
@@ -48,10 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format=f"{PROG}: %(message)s")
     try:
-        with stop_on_signals():
+        with command_logging(logging.INFO if args.verbose else logging.WARNING,
+                             logging.Formatter(f"{PROG}: %(message)s")), stop_on_signals():
             return _register(args)
     except RwcflowError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from rwcflow import metrics, spatial
 from rwcflow.checkpoint import default_model_path, load_model, read_metadata, save_model
 from rwcflow.checks import check_at_least, check_device, check_model, check_output_folder
+from rwcflow.console import command_logging
 from rwcflow.datasets import Pair, PairSource, StepPairs, SyntheticSource, first, make_source
 from rwcflow.errors import RwcflowError
 from rwcflow.io import atomic_write
@@ -753,9 +754,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.config is None or args.out_dir is None:
         parser.error("config and out_dir are required")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    deadline = None if args.time_limit is None else time.monotonic() + 60.0 * args.time_limit
+    with command_logging(logging.INFO, logging.Formatter("%(message)s")):
+        return _train(args, deadline)
+
+
+def _train(args: argparse.Namespace, deadline: float | None) -> int:
+    """Check the options, train, report (see :func:`main`)."""
     time_limit = None if args.time_limit is None else 60.0 * args.time_limit
-    deadline = None if time_limit is None else time.monotonic() + time_limit
     try:
         check_output_folder("out_dir", args.out_dir)
         check_at_least("--time-limit", args.time_limit, 0)
