@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rwcflow.checkpoint import load_model
 from rwcflow.errors import InputError
-from rwcflow.register import resolve_device
+from rwcflow.devices import resolve_device
 
 
 def check_at_least(option: str, value: int | float | None, minimum: int | float) -> None:

@@ -26,6 +26,7 @@ from rwcflow import spatial, transforms
 from rwcflow.transforms import mapped_coordinates, sample_image
 from rwcflow.affine import affine_align
 from rwcflow.checkpoint import resolve_model
+from rwcflow.devices import run_on_device
 from rwcflow.errors import InputError
 from rwcflow.io import Grid, Image, load_image, named_os_error, normalize_intensity, read_keypoints, save_image
 from rwcflow.metrics import registration_metrics
@@ -122,16 +123,6 @@ class Registration:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` is CUDA when present, else the CPU; anything else is passed to :class:`torch.device`."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device", "CUDA was asked for but no CUDA device is available")
-    return device
-
-
 def _as_image(value: ImageLike | None, *, labels: bool = False) -> Image | None:
     if value is None or isinstance(value, Image):
         return value
@@ -204,11 +195,25 @@ def register(
     model file or a network; ``affine`` is ``True`` (estimate), ``False`` (identity in world space) or a
     given 4x4 RAS world matrix; ``instance_optimization`` is ``True``, ``False``, a number of iterations
     or options. Labels give Dice/HD95 metrics (and, with ``label_guided``, a Dice term in the
-    optimisation); keypoints (RAS mm, ``(N, 3)`` or a CSV) add a distance term.
+    optimisation); keypoints (RAS mm, ``(N, 3)`` or a CSV) add a distance term. Out of GPU memory, it
+    runs again on the CPU when ``device`` is ``"auto"``, else stops (:func:`rwcflow.devices.run_on_device`).
     """
+    options = dict(locals())  # every argument, for the run on the device chosen
+    del options["device"]
+    what = f"registering {_name(moving)} to {_name(fixed)}"
+    return run_on_device(lambda chosen: _register(device=chosen, **options), device, what)
+
+
+def _name(image: ImageLike) -> str:
+    return "an image" if isinstance(image, Image) else Path(image).name
+
+
+def _register(fixed: ImageLike, moving: ImageLike, *, model, affine, instance_optimization, device: torch.device,
+              fixed_mask, moving_mask, fixed_labels, moving_labels, fixed_keypoints, moving_keypoints,
+              label_guided: bool, progress) -> Registration:
+    """:func:`register` on ``device``."""
     say = progress or (lambda message: log.info(message))
     timings: dict[str, float] = {}
-    device = resolve_device(device)
     fixed, moving = _as_image(fixed), _as_image(moving)
     fixed_mask, moving_mask = _as_image(fixed_mask, labels=True), _as_image(moving_mask, labels=True)
     fixed_labels, moving_labels = _as_image(fixed_labels, labels=True), _as_image(moving_labels, labels=True)

@@ -21,7 +21,8 @@ from rwcflow.errors import InputError
 from rwcflow.groupwise import GroupwiseRefinement, refine_groupwise
 from rwcflow.io import Image, load_image, save_image
 from rwcflow.optimize import InstanceOptimization
-from rwcflow.register import register, resolve_device
+from rwcflow.devices import run_on_device
+from rwcflow.register import register
 
 log = logging.getLogger("rwcflow")
 
@@ -190,11 +191,12 @@ def groupwise_refine_files(sessions: Sequence[PathLike], xfms: Sequence[PathLike
             raise InputError(xfm, f"not on the grid of {Path(xfms[0]).name}: the fields must share the template's grid")
     displacements = [disp for disp, _ in fields]
     name, start = f"groupwise refinement of {len(sessions)} sessions", time.perf_counter()
-    refined, warped, template = refine_groupwise(
-        [load_image(session) for session in sessions], displacements, grid,
-        GroupwiseRefinement(iterations=iterations, regularization=regularization),
-        device=resolve_device(device),
-        progress=lambda done, total, loss: log.debug("%s: step %d/%d, loss %.4g", name, done, total, loss))
+    images = [load_image(session) for session in sessions]
+    refinement = GroupwiseRefinement(iterations=iterations, regularization=regularization)
+    refined, warped, template = run_on_device(lambda chosen: refine_groupwise(
+        images, displacements, grid, refinement, device=chosen,
+        progress=lambda done, total, loss: log.debug("%s: step %d/%d, loss %.4g", name, done, total, loss)),
+        device, name)
     log.info("%s: done in %.1f s", name, time.perf_counter() - start)
     out_dir = Path(out_dir)
     xfm_paths = [transforms.write_displacement_field(out_dir / output_name(session, "xfm"), disp, grid)

@@ -29,9 +29,9 @@ from pydra.compose import python
 
 from rwcflow import steps, transforms
 from rwcflow.affine import affine_align
+from rwcflow.devices import run_on_device
 from rwcflow.groupwise import GroupwiseRefinement
 from rwcflow.io import Image, load_image, save_image
-from rwcflow.register import resolve_device
 
 
 def _optional(file: File | None, *, labels: bool = True) -> Image | None:
@@ -42,8 +42,10 @@ def _affine_align_job(fixed: File, moving: File, fixed_mask: File | None = None,
                       device: str = "auto") -> File:
     """Affine pre-alignment (:func:`rwcflow.affine.affine_align`): ``affine`` is an ITK text transform
     taking fixed points to moving points."""
-    matrix = affine_align(load_image(fixed), load_image(moving), device=resolve_device(device),
-                          fixed_mask=_optional(fixed_mask), moving_mask=_optional(moving_mask))
+    images = load_image(fixed), load_image(moving)
+    masks = dict(fixed_mask=_optional(fixed_mask), moving_mask=_optional(moving_mask))
+    matrix = run_on_device(lambda chosen: affine_align(*images, device=chosen, **masks), device,
+                           f"affine pre-alignment of {Path(moving).name} to {Path(fixed).name}")
     return transforms.write_affine(Path.cwd() / "affine.txt", matrix)
 
 
