@@ -29,7 +29,7 @@ from rwcflow.signals import Stopped, stop_on_signals
 from . import dataset, derivatives
 from .failures import record_failure
 from .options import RunOptions, limit_threads
-from .spaces import BUILTIN, UNBIASED, resolve_template
+from .spaces import BUILTIN, UNBIASED, TemplateChoice, resolve_template
 
 log = logging.getLogger("rwcflow")
 
@@ -123,9 +123,10 @@ def run(args: argparse.Namespace) -> int:
     participants = dataset.find_participants(bids_dir, participants=args.participant_label,
                                              sessions=args.session_label, modality=args.modality, filters=filters)
     dataset.check_images(participants)
+    template = resolve_template(args.template, work_dir)  # a file is read; a built-in one is written, once
     work_dir.mkdir(parents=True, exist_ok=True)
     with WorkFolderLock(work_dir, wait=args.wait_for_lock):
-        return _run_level(args, participants, bids_dir, output_dir, work_dir)
+        return _run_level(args, participants, template, bids_dir, output_dir, work_dir)
 
 
 def check_options(args: argparse.Namespace, output_dir: Path, work_dir: Path) -> None:
@@ -142,12 +143,12 @@ def check_options(args: argparse.Namespace, output_dir: Path, work_dir: Path) ->
     check_device("--device", args.device)
 
 
-def _run_level(args: argparse.Namespace, participants: list, bids_dir: Path, output_dir: Path,
-               work_dir: Path) -> int:
+def _run_level(args: argparse.Namespace, participants: list, template: TemplateChoice, bids_dir: Path,
+               output_dir: Path, work_dir: Path) -> int:
     """Run the level, holding the work folder; the number of failed participants decides the exit code."""
     # a model file's path as given here: jobs run in their own folders
     model = args.model if args.model in ("default", "none") else str(Path(args.model).absolute())
-    options = RunOptions(template=resolve_template(args.template, work_dir), work_dir=work_dir, model=model,
+    options = RunOptions(template=template, work_dir=work_dir, model=model,
                          io_iters=args.io_iters, device=args.device,
                          longitudinal_iterations=args.longitudinal_iterations,
                          group_iterations=args.group_iterations, nprocs=args.nprocs,

@@ -41,7 +41,7 @@ def check_device(option: str, device: str) -> None:
 
 def check_output_folder(option: str, folder: Path) -> None:
     """``folder`` is a folder, or can be made: no file in its place or on its path, and the nearest
-    existing folder on its path is writable."""
+    existing folder on its path is writable (its permissions, and a file system mounted read-write)."""
     folder = Path(folder).absolute()
     for path in (folder, *folder.parents):
         if path.exists():
@@ -49,5 +49,6 @@ def check_output_folder(option: str, folder: Path) -> None:
                 where = "is a file" if path == folder else f"lies under the file {path}"
                 raise InputError(folder, f"{option}: {where}, not a folder")
             if not os.access(path, os.W_OK | os.X_OK):
-                raise InputError(folder, f"{option}: cannot write into {path} (permission denied)")
+                why = "read-only file system" if os.statvfs(path).f_flag & os.ST_RDONLY else "permission denied"
+                raise InputError(folder, f"{option}: cannot write into {path} ({why})")
             return

@@ -44,8 +44,8 @@ from rwcflow import metrics, spatial
 from rwcflow.checkpoint import default_model_path, load_model, read_metadata, save_model
 from rwcflow.checks import check_at_least, check_device, check_model, check_output_folder
 from rwcflow.console import command_logging
-from rwcflow.datasets import Pair, PairSource, StepPairs, SyntheticSource, first, make_source
-from rwcflow.errors import RwcflowError
+from rwcflow.datasets import SOURCES, Pair, PairSource, StepPairs, SyntheticSource, first, make_source
+from rwcflow.errors import InputError, RwcflowError
 from rwcflow.io import atomic_write
 from rwcflow.losses import diffusion_loss, keypoint_loss, mse_loss, ncc_loss, soft_dice_loss
 from rwcflow.models import RWCNet, RWCNetConfig, StageConfig, axis_patches, resize, resize_region, stage_shape
@@ -129,6 +129,10 @@ class TrainConfig:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
+        for name, spec in (("data", self.data), ("validation_data", self.validation_data)):
+            kind = spec.get("kind") if isinstance(spec, dict) else spec
+            if spec is not None and kind not in SOURCES:
+                raise ValueError(f"{name} kind must be one of {', '.join(SOURCES)}, got {kind!r}")
         if self.train_patch_fraction is not None:
             self.train_patch_fraction = tuple(float(f) for f in self.train_patch_fraction)
             if len(self.train_patch_fraction) != len(self.model.stages) or not all(0 < f <= 1 for f in self.train_patch_fraction):
@@ -154,14 +158,25 @@ class TrainConfig:
 
 
 def load_config(path: str | os.PathLike) -> TrainConfig:
-    """A :class:`TrainConfig` from a JSON file (or YAML, when PyYAML is installed)."""
+    """A :class:`TrainConfig` from a JSON file (or YAML, when PyYAML is installed); a missing file or
+    one that is not a valid config is an :class:`~rwcflow.errors.InputError` naming it."""
     path = Path(path)
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise InputError(path, "file not found") from None
+    parse, errors = json.loads, ()
     if path.suffix in (".yaml", ".yml"):
         import yaml  # optional: only for YAML configs
 
-        return TrainConfig.from_dict(yaml.safe_load(text))
-    return TrainConfig.from_dict(json.loads(text))
+        parse, errors = yaml.safe_load, (yaml.YAMLError,)
+    try:
+        data = parse(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a mapping of settings, got {type(data).__name__}")
+        return TrainConfig.from_dict(data)
+    except (ValueError, TypeError, *errors) as exc:  # YAML's messages span lines: one line here
+        raise InputError(path, f"not a valid training config ({' '.join(str(exc).split())})") from None
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:
@@ -398,10 +413,15 @@ def _initial_model(config: TrainConfig, k: int, init_model: str | os.PathLike | 
         torch.manual_seed(config.seed)
         return RWCNet(config.model)
     model = copy.deepcopy(init_model) if isinstance(init_model, RWCNet) else load_model(init_model)
-    if replace(model.config, input_spacing_mm=None) != replace(config.model, input_spacing_mm=None):
+    if not _same_network(model.config, config.model):
         raise ValueError(f"init_model's network config differs from the training config's: {init_model}")
     model.config = config.model  # the voxel size of this run's data
     return model
+
+
+def _same_network(first: RWCNetConfig, second: RWCNetConfig) -> bool:
+    """Whether two network configs differ at most in the voxel size the network runs at."""
+    return replace(first, input_spacing_mm=None) == replace(second, input_spacing_mm=None)
 
 
 def _schedule(config: TrainConfig, steps: int):
@@ -759,6 +779,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _train(args, deadline)
 
 
+def _check_against_config(args: argparse.Namespace, config: TrainConfig) -> None:
+    """``--stages`` and ``--init-model`` against the config: the stages are the network's, and the first
+    one's earlier stages are at hand: ``--init-model`` (of the same network) or, for a stage after 0, the
+    earlier stage's model in ``out_dir``."""
+    last = len(config.model.stages) - 1
+    for stage in args.stages or []:
+        if stage > last:
+            raise InputError("--stages", f"must be {last} or less (the config's network has {last + 1} stages), "
+                                         f"got {stage}")
+    first_stage = (args.stages or [0])[0]
+    if args.init_model is not None:
+        if not _same_network(load_model(args.init_model).config, config.model):
+            raise InputError(args.init_model, "--init-model: its network differs from the config's")
+    elif first_stage > 0:
+        earlier = Path(args.out_dir) / f"stage{first_stage - 1}" / "model.safetensors"
+        if not earlier.is_file():
+            raise InputError(earlier, f"--stages {first_stage}: needs stage {first_stage - 1}'s model, not found "
+                                      f"(train stage {first_stage - 1} first, or give --init-model)")
+
+
 def _train(args: argparse.Namespace, deadline: float | None) -> int:
     """Check the options, train, report (see :func:`main`)."""
     time_limit = None if args.time_limit is None else 60.0 * args.time_limit
@@ -775,6 +815,9 @@ def _train(args: argparse.Namespace, deadline: float | None) -> int:
         config = load_config(args.config)
         if args.device:
             config = replace(config, device=args.device)
+        else:
+            check_device(f"{args.config}: device", config.device)
+        _check_against_config(args, config)
         if args.stop_at is not None:
             first_stage = (args.stages or [0])[0]
             init = args.init_model or (args.out_dir / f"stage{first_stage - 1}" / "model.safetensors"

@@ -1,4 +1,5 @@
-"""``rwcflow-register`` end to end on the bundled MNI152 example (4 mm), and its bad-input errors."""
+"""``rwcflow-register`` end to end on the bundled MNI152 example (4 mm). Its bad-input errors are tested
+in test_bad_input.py."""
 
 from __future__ import annotations
 
@@ -101,54 +102,6 @@ def test_runs_with_a_network_model_file(pair_files, tmp_path):
     out = tmp_path / "out"
     assert cli.main(_args(pair_files, out, **{"--model": model, "--io-iters": "0"})) == 0
     assert {p.name for p in out.iterdir()} == {"warped.nii.gz", "xfm.nii.gz", "affine.txt"}
-
-
-def _bad_inputs(tmp_path, files):
-    fixed = nib.load(files["fixed"])
-    data = fixed.get_fdata().astype(np.float32)
-    bad = {}
-
-    def image(name, array, affine=fixed.affine):
-        path = tmp_path / name
-        nib.save(nib.Nifti1Image(array, affine), path)
-        return path
-
-    text = tmp_path / "notes.nii.gz"
-    text.write_text("not an image")
-    bad["missing file"] = ({"--moving": tmp_path / "absent.nii.gz"}, "absent.nii.gz", "not found")
-    bad["non-image file"] = ({"--moving": text}, "notes.nii.gz", "not a readable")
-    bad["several volumes"] = ({"--moving": image("4d.nii.gz", np.stack([data, data], -1))}, "4d.nii.gz", "volumes")
-    bad["all zero"] = ({"--fixed": image("zero.nii.gz", np.zeros_like(data))}, "zero.nii.gz", "all zeros")
-    nan = data.copy()
-    nan[3, 3, 3] = np.nan
-    bad["NaN"] = ({"--fixed": image("nan.nii.gz", nan)}, "nan.nii.gz", "NaN")
-    shifted = fixed.affine.copy()
-    shifted[:3, 3] += 10
-    labels = image("labels_elsewhere.nii.gz", (data > 0).astype(np.int16), shifted)
-    bad["labels on another grid"] = ({"--fixed-labels": labels}, "labels_elsewhere.nii.gz", "another grid")
-    corrupt = tmp_path / "corrupt.safetensors"
-    corrupt.write_bytes(b"\x00" * 64)
-    bad["corrupt model"] = ({"--model": corrupt}, "corrupt.safetensors", "safetensors")
-    bad["missing model"] = ({"--model": tmp_path / "nope.safetensors"}, "nope.safetensors", "no such model file")
-    bad["negative iterations"] = ({"--io-iters": "-5"}, "--io-iters", "must be 0 or more, got -5")
-    blocker = tmp_path / "a-file"
-    blocker.write_text("x")
-    bad["out-dir is a file"] = ({"--out-dir": blocker}, "a-file", "--out-dir: is a file, not a folder")
-    bad["out-dir under a file"] = ({"--out-dir": blocker / "out"}, "a-file", "lies under the file")
-    if not torch.cuda.is_available():
-        bad["cuda without a GPU"] = ({"--device": "cuda"}, "--device", "no CUDA device is available")
-    return bad
-
-
-def test_bad_input_gives_one_clear_line_and_no_outputs(pair_files, tmp_path, capsys):
-    for name, (changes, filename, problem) in _bad_inputs(tmp_path, pair_files).items():
-        out = tmp_path / f"out-{name.replace(' ', '-')}"
-        code = cli.main(_args(pair_files, out, **changes))
-        err = capsys.readouterr().err.strip()
-        assert code == 2, name
-        assert len(err.splitlines()) == 1, (name, err)
-        assert filename in err and problem in err, (name, err)
-        assert not out.exists() or not any(out.iterdir()), name
 
 
 def test_singleton_fourth_axis_is_accepted(pair_files, tmp_path):
