@@ -42,7 +42,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml $(LOCK) $(TORCH_REQUIREMENT)
 
 install: $(VENV)/.installed
 
-# the group level runs even when a participant failed (the App isolates failures); the status is the worst of both.
+# the group level runs even when a participant failed (the App isolates failures), then the demo's check of the
+# derivatives against its truth (rwcflow-demo-check); the status is the first failure's.
 # run-example is the run alone, on an installed venv; DEMO_ARGS and EXAMPLE_ARGS pass options to
 # rwcflow-demo-data and to both levels of rwcflow.
 DEMO_ARGS ?=
@@ -55,6 +56,7 @@ run-example:
 	status=0; \
 	$(BIN)/rwcflow $(EXAMPLE)/bids $(EXAMPLE)/derivatives participant -w $(EXAMPLE)/work $(EXAMPLE_ARGS) || status=$$?; \
 	$(BIN)/rwcflow $(EXAMPLE)/bids $(EXAMPLE)/derivatives group -w $(EXAMPLE)/work $(EXAMPLE_ARGS) || status=$$?; \
+	$(BIN)/rwcflow-demo-check $(EXAMPLE)/bids $(EXAMPLE)/derivatives || status=$$((status ? status : $$?)); \
 	exit $$status
 
 test: install

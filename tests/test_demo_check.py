@@ -1,0 +1,72 @@
+"""rwcflow-demo-check against derivatives with a known answer: made from the demo's own truth (session 1
+as the template, session 2's true mapping and its Jacobian), the check must find the true volume change
+in the sphere and no change far from it; derivatives that recover nothing must fail it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rwcflow import transforms
+from rwcflow.bids_app.demo import write_demo_dataset
+from rwcflow.bids_app.demo_check import check_demo, main
+from rwcflow.io import load_image, save_image
+from rwcflow.maps import invert_displacement, jacobian_from_world_field, resample_displacement
+
+SPACE = "T1w"
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    return write_demo_dataset(tmp_path_factory.mktemp("demo") / "raw", participants=1, sessions=2,
+                              resolution_mm=4.0, atrophy_percent=5.0)
+
+
+def _derivatives(raw: Path, out: Path, *, recovered: bool) -> Path:
+    """Participant-level derivatives of sub-01 in session 1's space: the template is session 1 and its
+    transform the identity; session 2's transform is the true session-1 -> session-2 mapping (the inverse
+    of the truth's session-2 -> session-1 field) when ``recovered``, else the identity too."""
+    truth_dir = raw / "sourcedata" / "truth" / "sub-01"
+    truth = json.loads((truth_dir / "sub-01_truth.json").read_text())
+    first = load_image(raw / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_T1w.nii.gz")
+    grid = first.grid
+    save_image(first, out / "sub-01" / "anat" / "sub-01_desc-template_T1w.nii.gz")
+    identity = np.zeros((*grid.shape, 3))
+    to_first, second_grid = transforms.read_displacement_field(truth_dir / truth["atrophy"]["sessions"]["ses-2"]["xfm"])
+    to_second = resample_displacement(invert_displacement(to_first, second_grid), second_grid, grid)
+    for ses, disp in (("1", identity), ("2", to_second if recovered else identity)):
+        anat = out / "sub-01" / f"ses-{ses}" / "anat"
+        transforms.write_displacement_field(anat / f"sub-01_ses-{ses}_from-orig_to-{SPACE}_mode-image_xfm.nii.gz",
+                                            disp, grid)
+        jacobian = jacobian_from_world_field(disp, grid).astype(np.float32)
+        save_image(first.with_data(jacobian), anat / f"sub-01_ses-{ses}_space-{SPACE}_jacobian.nii.gz")
+    return out
+
+
+def test_the_true_mapping_passes_with_the_true_change_and_a_flat_far_field(raw, tmp_path):
+    out = _derivatives(raw, tmp_path / "out", recovered=True)
+    (row,) = check_demo(raw, out)
+    assert (row.participant, row.session, row.true_change_percent) == ("sub-01", "ses-2", -5.0)
+    assert row.recovered_change_percent == pytest.approx(-5.0, abs=0.1)
+    assert row.far_field_mean_abs_log_change < 1e-3
+    assert row.region_voxels > 20 and row.far_voxels > 1000
+    assert row.passed
+
+
+def test_no_change_found_fails_and_the_command_says_so(raw, tmp_path, capsys):
+    out = _derivatives(raw, tmp_path / "out", recovered=False)
+    assert main([str(raw), str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert "| sub-01 | ses-2 | -5.00 % | 0.00 % | +5.00 pp | 0.0000 | FAIL |" in printed
+    report = json.loads((out / "demo_validation.json").read_text())
+    assert report["passed"] is False and report["rows"][0]["error_pp"] == 5.0
+
+
+def test_missing_derivatives_are_bad_input(raw, tmp_path, capsys):
+    assert main([str(raw), str(tmp_path / "nothing")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("rwcflow-demo-check: error: ") and "desc-template_T1w.nii.gz: file not found" in line
+    assert not (tmp_path / "nothing").exists()
