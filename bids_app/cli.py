@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import random
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from rwcflow.signals import Stopped, stop_on_signals
 
 from . import dataset, derivatives
 from .failures import record_failure
-from .options import RunOptions, limit_threads
+from .options import REFINE_ITERS, RunOptions, limit_threads
 from .spaces import BUILTIN, UNBIASED, TemplateChoice, resolve_template
 
 log = logging.getLogger("rwcflow")
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                               help="instance-optimisation steps per level (0: off; default: rwcflow's)")
     registration.add_argument("--longitudinal-iterations", type=int, default=2, metavar="K",
                               help="within-subject template updates (default 2)")
+    registration.add_argument("--refine-iters", type=int, default=REFINE_ITERS, metavar="N",
+                              help=f"Adam steps of the joint refinement of each participant's session maps "
+                                   f"(0: off; default {REFINE_ITERS})")
     registration.add_argument("--group-iterations", type=int, default=3, metavar="K",
                               help="group template updates (default 3)")
     registration.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -92,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command = shlex.join([parser.prog, *map(str, sys.argv[1:] if argv is None else argv)])  # for the reports
     # progress (per participant, per registration) on stderr; -v adds rwcflow's details, -vv Pydra's
     logging.getLogger("pydra").setLevel(logging.DEBUG if args.verbose >= 2 else logging.WARNING)
     formatter = logging.Formatter("%(asctime)s rwcflow: %(message)s", "%H:%M:%S")
@@ -136,6 +141,7 @@ def check_options(args: argparse.Namespace, output_dir: Path, work_dir: Path) ->
     for option, value, minimum in (("--nprocs", args.nprocs, 1), ("--omp-nthreads", args.omp_nthreads, 1),
                                    ("--io-iters", args.io_iters, 0),
                                    ("--longitudinal-iterations", args.longitudinal_iterations, 1),
+                                   ("--refine-iters", args.refine_iters, 0),
                                    ("--group-iterations", args.group_iterations, 1),
                                    ("--random-seed", args.random_seed, 0)):
         check_at_least(option, value, minimum)
@@ -150,10 +156,10 @@ def _run_level(args: argparse.Namespace, participants: list, template: TemplateC
     model = args.model if args.model in ("default", "none") else str(Path(args.model).absolute())
     options = RunOptions(template=template, work_dir=work_dir, model=model,
                          io_iters=args.io_iters, device=args.device,
-                         longitudinal_iterations=args.longitudinal_iterations,
+                         longitudinal_iterations=args.longitudinal_iterations, refine_iters=args.refine_iters,
                          group_iterations=args.group_iterations, nprocs=args.nprocs,
                          omp_nthreads=args.omp_nthreads, plugin=args.plugin, slurm_args=args.slurm_args,
-                         seed=args.random_seed)
+                         seed=args.random_seed, command=args.command)
     _seed(options.seed)
     limit_threads(options.omp_nthreads)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -161,7 +167,7 @@ def _run_level(args: argparse.Namespace, participants: list, template: TemplateC
     derivatives.dataset_description(output_dir, bids_dir)
     from .reports import citation_text  # matplotlib and nilearn's plotting: imported only to run a level
 
-    derivatives.write_text(output_dir / "logs" / "CITATION.md", citation_text())
+    derivatives.write_text(output_dir / "logs" / "CITATION.md", citation_text(options.parameters()))
     log.info("rwcflow %s, %s level: %d participant(s), template %s", __version__, args.analysis_level,
              len(participants), options.template.name)
     start = time.perf_counter()

@@ -96,7 +96,7 @@ def run_group(participants: list[Participant], bids_dir: Path, output_dir: Path,
         fit[label] = fit_to_template(template, registered[label])
     group_report(output_dir, GroupResult(template=template, iteration_templates=iterations, convergence=convergence,
                                          participants=registered, fit=fit, parameters=options.parameters(),
-                                         failed=failed))
+                                         failed=failed, command=options.command))
     return failed
 
 

@@ -10,10 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rwcflow.checkpoint import model_sha256
+from rwcflow.groupwise import GroupwiseRefinement
+from rwcflow.slurm_worker import CancellingSlurmWorker
 from rwcflow.submitter import ResumingSubmitter
 from rwcflow.worker import ForkServerWorker
 
 from .spaces import TemplateChoice
+
+REFINE_ITERS = GroupwiseRefinement.iterations
+"""Adam steps of each participant's groupwise refinement, by default."""
 
 
 @dataclass
@@ -26,12 +31,15 @@ class RunOptions:
     io_iters: int | None = None
     device: str = "auto"
     longitudinal_iterations: int = 2
+    refine_iters: int = REFINE_ITERS
     group_iterations: int = 3
     nprocs: int = 1
     omp_nthreads: int = 1
     plugin: str = "cf"
     slurm_args: str = ""
     seed: int = 0
+    command: str = ""
+    """The command line that started the run, shown in the reports."""
     run_id: str = field(default_factory=lambda: f"{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4()}")
     """This run's name, as fMRIPrep's: its crash files go into a folder of that name."""
 
@@ -40,20 +48,22 @@ class RunOptions:
         return {"template": self.template.name, "model": self.model, "model_sha256": model_sha256(self.model),
                 "io_iters": self.io_iters,
                 "device": self.device, "longitudinal_iterations": self.longitudinal_iterations,
+                "refine_iters": self.refine_iters,
                 "group_iterations": self.group_iterations, "random_seed": self.seed}
 
     def submitter(self) -> ResumingSubmitter:
         """A Pydra submitter caching into the work folder: ``cf`` runs ``nprocs / omp_nthreads`` jobs at
         once (:class:`~rwcflow.worker.ForkServerWorker`, each with ``omp_nthreads`` threads), ``slurm``
         submits each job with ``slurm_args`` (plus ``--cpus-per-task=omp_nthreads`` unless they set it;
-        the jobs inherit this process's environment, thread limits included).
+        the jobs inherit this process's environment, thread limits included) and cancels those not ended
+        when the run stops (:class:`~rwcflow.slurm_worker.CancellingSlurmWorker`).
 
         Re-running resumes (:class:`~rwcflow.submitter.ResumingSubmitter`): the jobs that failed, or
         that a killed run left unfinished (a SLURM time limit, a node lost), are run again. One run at a
         time per participant and work folder."""
         cache = self.work_dir / "pydra"
         if self.plugin == "slurm":
-            return ResumingSubmitter(worker="slurm", cache_root=cache, sbatch_args=self.sbatch_args())
+            return ResumingSubmitter(worker=CancellingSlurmWorker(sbatch_args=self.sbatch_args()), cache_root=cache)
         worker = ForkServerWorker(n_procs=max(1, self.nprocs // self.omp_nthreads), threads=self.omp_nthreads)
         return ResumingSubmitter(worker=worker, cache_root=cache)
 

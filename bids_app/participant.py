@@ -43,7 +43,7 @@ def run_participants(participants: list[Participant], bids_dir: Path, output_dir
             log.error("sub-%s failed: %s", participant.label, failed[participant.label])
             participant_report(output_dir, ParticipantResult(
                 participant.label, template=None, sessions=[], parameters=options.parameters(),
-                errors=[failed[participant.label]]))
+                errors=[failed[participant.label]], command=options.command))
             continue
         participant_report(output_dir, result)
         log.info("sub-%s done in %.0f s", participant.label, time.perf_counter() - start)
@@ -58,8 +58,8 @@ def run_participant(participant: Participant, bids_dir: Path, output_dir: Path,
     names.remove_stale_staging(output_dir, participant.label)
     group = options.template.path
     workflow = Longitudinal(sessions=participant.images, iterations=options.longitudinal_iterations,
-                            model=options.model, io_iters=options.io_iters, device=options.device,
-                            group_template=group)
+                            refine_iters=options.refine_iters, model=options.model, io_iters=options.io_iters,
+                            device=options.device, group_template=group)
     with options.submitter() as submitter:
         outputs = submitter(workflow, raise_errors=True).outputs
     return _write(participant, outputs, bids_dir, output_dir, options)
@@ -118,7 +118,8 @@ def _write(participant: Participant, out, bids_dir: Path, output_dir: Path, opti
         group_registered = names.derivative_path(output_dir, first, f"space-{group.name}_desc-registered_T1w.nii.gz")
     names.publish_together(output_dir, f"sub-{label}", files)
     return ParticipantResult(label, template=template, sessions=sessions, group_template=group.path,
-                             group_registered=group_registered, parameters=options.parameters())
+                             group_registered=group_registered, parameters=options.parameters(),
+                             command=options.command)
 
 
 def fit_to_template(template: Path | Image, registered: Path) -> float:

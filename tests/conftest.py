@@ -1,15 +1,20 @@
-"""Shared fixtures: small smooth random displacement fields and synthetic volumes (deterministic), and a
-Pydra submitter."""
+"""Shared fixtures: small smooth random displacement fields and synthetic volumes (deterministic), a
+Pydra submitter, and the BIDS App run once on the demo dataset."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from pydra.engine.submitter import Submitter
 from scipy import ndimage
+
+from demo_study import LOCAL, digests
+from rwcflow.bids_app.cli import main
+from rwcflow.bids_app.demo import write_demo_dataset
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -70,3 +75,16 @@ def submit(tmp_path):
         return result.outputs
 
     return run
+
+
+@pytest.fixture(scope="session")
+def demo_study(tmp_path_factory) -> dict:
+    """The demo dataset (2 participants x 2 sessions, 6 mm) and both levels of the App run on it with
+    ``demo_study.LOCAL``: ``raw``, ``out``, ``work``, the two exit ``codes`` and the ``raw_digests`` before
+    the runs. Shared by the App's tests and the SLURM tests' reference: read it, write elsewhere."""
+    root = tmp_path_factory.mktemp("study")
+    raw = write_demo_dataset(root / "raw", participants=2, sessions=2, resolution_mm=6.0)
+    out, work = root / "derivatives", root / "work"
+    before = digests(raw)
+    codes = tuple(main([str(raw), str(out), level, "-w", str(work), *LOCAL]) for level in ("participant", "group"))
+    return {"raw": raw, "out": out, "work": work, "codes": codes, "raw_digests": before}

@@ -245,6 +245,7 @@ APP_CASES = [
     case(APP, "--omp-nthreads 0", {"--omp-nthreads": "0"}, "--omp-nthreads: must be 1 or more, got 0"),
     case(APP, "--longitudinal-iterations 0", {"--longitudinal-iterations": "0"},
          "--longitudinal-iterations: must be 1 or more, got 0"),
+    case(APP, "--refine-iters negative", {"--refine-iters": "-1"}, "--refine-iters: must be 0 or more, got -1"),
     case(APP, "--group-iterations negative", {"--group-iterations": "-1"},
          "--group-iterations: must be 1 or more, got -1"),
     case(APP, "--random-seed negative", {"--random-seed": "-3"}, "--random-seed: must be 0 or more, got -3"),

@@ -1,6 +1,6 @@
-"""The BIDS App end to end: ``rwcflow`` on a generated dataset (2 participants × 2 sessions, 6 mm), the
-participant then the group level; names, geometry, sidecars, dataset description, reports; a failing
-participant; a re-run that resumes."""
+"""The BIDS App end to end: ``rwcflow`` on a generated dataset (2 participants × 2 sessions, 6 mm, run
+once per test session: tests/conftest.py's ``demo_study``), the participant then the group level;
+names, geometry, sidecars, dataset description, reports; bad input; a re-run that resumes."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from demo_study import LOCAL, digests
+
 import rwcflow
 from rwcflow import transforms
 from rwcflow.bids_app.cli import main
@@ -21,37 +23,18 @@ from rwcflow.bids_app.demo import write_demo_dataset
 from rwcflow.bids_app.derivatives import dataset_description
 from rwcflow.io import load_image
 
-FAST = ["--model", "none", "--io-iters", "10", "--nprocs", "1", "--skip-bids-validation",
-        "--longitudinal-iterations", "1", "--group-iterations", "1", "--device", "cpu"]
 SESSION_FILES = ["from-orig_to-T1w_mode-image_xfm.nii.gz", "from-T1w_to-orig_mode-image_xfm.nii.gz",
                  "space-T1w_desc-registered_T1w.nii.gz", "space-T1w_jacobian.nii.gz",
                  "space-T1w_desc-log_jacobian.nii.gz"]
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    """The demo dataset, and the participant and group levels run on it (exit codes kept)."""
-    root = tmp_path_factory.mktemp("study")
-    raw = write_demo_dataset(root / "raw", participants=2, sessions=2, resolution_mm=6.0)
-    out, work = root / "derivatives", root / "work"
-    before = _digests(raw)
-    participant = main([str(raw), str(out), "participant", "-w", str(work), *FAST])
-    group = main([str(raw), str(out), "group", "-w", str(work), *FAST])
-    return {"raw": raw, "out": out, "work": work, "codes": (participant, group), "raw_digests": before}
+def test_both_levels_succeed_and_leave_the_input_untouched(demo_study):
+    assert demo_study["codes"] == (0, 0)
+    assert digests(demo_study["raw"]) == demo_study["raw_digests"]
 
 
-def _digests(folder: Path) -> dict[str, str]:
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
-
-
-def test_both_levels_succeed_and_leave_the_input_untouched(study):
-    assert study["codes"] == (0, 0)
-    assert _digests(study["raw"]) == study["raw_digests"]
-
-
-def test_participant_derivatives_have_bids_names_and_geometry(study):
-    out = study["out"]
+def test_participant_derivatives_have_bids_names_and_geometry(demo_study):
+    out = demo_study["out"]
     for sub in ("01", "02"):
         template = load_image(out / f"sub-{sub}" / "anat" / f"sub-{sub}_desc-template_T1w.nii.gz")
         for ses in ("1", "2"):
@@ -74,8 +57,8 @@ def test_participant_derivatives_have_bids_names_and_geometry(study):
             assert np.corrcoef(registered.data[inside], template.data[inside])[0, 1] > 0.8
 
 
-def test_group_derivatives(study):
-    out = study["out"]
+def test_group_derivatives(demo_study):
+    out = demo_study["out"]
     template = load_image(out / "tpl-unbiased" / "tpl-unbiased_T1w.nii.gz")
     assert json.loads((out / "tpl-unbiased" / "tpl-unbiased_T1w.json").read_text())["Sources"] == [
         f"bids::sub-{sub}/anat/sub-{sub}_desc-template_T1w.nii.gz" for sub in ("01", "02")]
@@ -89,12 +72,12 @@ def test_group_derivatives(study):
         assert load_image(anat / f"sub-{sub}_space-unbiased_desc-registered_T1w.nii.gz").grid == template.grid
 
 
-def test_dataset_description_logs_and_citation(study):
-    out = study["out"]
+def test_dataset_description_logs_and_citation(demo_study):
+    out = demo_study["out"]
     description = json.loads((out / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative" and description["BIDSVersion"]
     assert description["GeneratedBy"][0]["Name"] == "rwcflow" and description["GeneratedBy"][0]["Version"]
-    assert description["DatasetLinks"]["raw"] == study["raw"].resolve().as_uri()
+    assert description["DatasetLinks"]["raw"] == demo_study["raw"].resolve().as_uri()
     # not run in a container (whatever files such as /.dockerenv say), and the demo has no DOI
     assert "Container" not in description["GeneratedBy"][0] and "SourceDatasets" not in description
     assert "RWCNet" in (out / "logs" / "CITATION.md").read_text()
@@ -118,8 +101,8 @@ class _Links(HTMLParser):
 
 
 @pytest.mark.parametrize("report", ["sub-01.html", "sub-02.html", "group.html"])
-def test_reports_reference_files_that_exist(study, report):
-    path = study["out"] / report
+def test_reports_reference_files_that_exist(demo_study, report):
+    path = demo_study["out"] / report
     parser = _Links()
     parser.feed(path.read_text())
     assert parser.targets, f"{report} shows no figure"
@@ -127,51 +110,51 @@ def test_reports_reference_files_that_exist(study, report):
         assert (path.parent / target).is_file(), target
 
 
-def test_an_unreadable_image_is_bad_input_refused_before_any_work(study, tmp_path, capsys):
+def test_an_unreadable_image_is_bad_input_refused_before_any_work(demo_study, tmp_path, capsys):
     """Bad input stops the run (exit 2), naming the file, before anything is written; a participant whose
     processing fails does not stop the others (tests/test_bids_app_failures.py)."""
     raw = tmp_path / "raw"
-    shutil.copytree(study["raw"], raw)
+    shutil.copytree(demo_study["raw"], raw)
     broken = raw / "sub-02" / "ses-2" / "anat" / "sub-02_ses-2_T1w.nii.gz"
     broken.write_bytes(b"not an image")
     out = tmp_path / "out"
-    code = main([str(raw), str(out), "participant", "-w", str(tmp_path / "work"), *FAST])
+    code = main([str(raw), str(out), "participant", "-w", str(tmp_path / "work"), *LOCAL])
     assert code == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("rwcflow: error: ") and "sub-02_ses-2_T1w.nii.gz: not a readable" in line
     assert not out.exists() and not (tmp_path / "work").exists()
 
 
-def test_rerun_resumes_and_same_seed_gives_identical_outputs(study, tmp_path):
-    first = {name: digest for name, digest in _digests(study["out"]).items()
+def test_rerun_resumes_and_same_seed_gives_identical_outputs(demo_study, tmp_path):
+    first = {name: digest for name, digest in digests(demo_study["out"]).items()
              if name.startswith("sub-01/") and name.endswith(".nii.gz") and "unbiased" not in name}
     # the same work folder: every registration is served from Pydra's cache (none is logged as run;
     # the jobs log into the run's log file)
     resumed = tmp_path / "resumed"
-    assert main([str(study["raw"]), str(resumed), "participant", "-w", str(study["work"]),
-                 "--participant-label", "01", *FAST]) == 0
+    assert main([str(demo_study["raw"]), str(resumed), "participant", "-w", str(demo_study["work"]),
+                 "--participant-label", "01", *LOCAL]) == 0
     assert "registering" not in _log(resumed)
-    assert {name: d for name, d in _digests(resumed).items() if name.endswith(".nii.gz")} == first
+    assert {name: d for name, d in digests(resumed).items() if name.endswith(".nii.gz")} == first
     # a fresh work folder and the same seed: computed again, to the same bytes
     fresh = tmp_path / "fresh"
-    assert main([str(study["raw"]), str(fresh), "participant", "-w", str(tmp_path / "work"),
-                 "--participant-label", "sub-01", "--random-seed", "0", *FAST]) == 0
+    assert main([str(demo_study["raw"]), str(fresh), "participant", "-w", str(tmp_path / "work"),
+                 "--participant-label", "sub-01", "--random-seed", "0", *LOCAL]) == 0
     assert "sub-01_ses-2_T1w.nii.gz -> " in _log(fresh)
-    assert {name: d for name, d in _digests(fresh).items() if name.endswith(".nii.gz")} == first
+    assert {name: d for name, d in digests(fresh).items() if name.endswith(".nii.gz")} == first
 
 
 def _log(out: Path) -> str:
     return "".join(path.read_text() for path in (out / "logs").glob("rwcflow-*.log"))
 
 
-def test_single_session_registered_to_a_given_template(study, tmp_path):
+def test_single_session_registered_to_a_given_template(demo_study, tmp_path):
     """One session per participant and ``--template FILE``: each session passes through as its own
     template and is registered into the given space (here sub-02's first session, copied out)."""
     template = tmp_path / "tpl-demo_T1w.nii.gz"
-    shutil.copyfile(study["raw"] / "sub-02" / "ses-1" / "anat" / "sub-02_ses-1_T1w.nii.gz", template)
+    shutil.copyfile(demo_study["raw"] / "sub-02" / "ses-1" / "anat" / "sub-02_ses-1_T1w.nii.gz", template)
     out = tmp_path / "out"
-    assert main([str(study["raw"]), str(out), "participant", "-w", str(tmp_path / "work"), "--session-label", "1",
-                 "--participant-label", "01", "--template", str(template), *FAST]) == 0
+    assert main([str(demo_study["raw"]), str(out), "participant", "-w", str(tmp_path / "work"), "--session-label", "1",
+                 "--participant-label", "01", "--template", str(template), *LOCAL]) == 0
     folder = out / "sub-01" / "ses-1" / "anat"
     grid = load_image(template).grid
     disp, field_grid = transforms.read_displacement_field(folder / "sub-01_ses-1_from-orig_to-demo_mode-image_xfm.nii.gz")

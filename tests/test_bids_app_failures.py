@@ -16,20 +16,19 @@ import time
 from pathlib import Path
 
 import pytest
+from demo_study import FAST
 
-from rwcflow.bids_app.demo import write_demo_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--model", "none", "--io-iters", "60", "--nprocs", "2", "--skip-bids-validation",
-        "--longitudinal-iterations", "1", "--group-iterations", "1", "--device", "cpu"]
+OPTIONS = ["--nprocs", "2", *FAST, "--io-iters", "60"]  # registrations long enough to be killed mid-job
 KILLED = re.compile(r"task (affine_to_first|register_0)\[\d\] \(Register\) failed: BrokenProcessPool: A process in the "
                     r"process pool was terminated abruptly")
 
 
-@pytest.fixture(scope="module")
-def raw(tmp_path_factory) -> Path:
-    return write_demo_dataset(tmp_path_factory.mktemp("failures") / "raw", participants=2, sessions=2,
-                              resolution_mm=6.0)
+@pytest.fixture
+def raw(demo_study) -> Path:
+    """The demo dataset (2 participants x 2 sessions; tests/conftest.py's ``demo_study``)."""
+    return demo_study["raw"]
 
 
 def _job_processes(pid: int) -> list[int]:
@@ -69,7 +68,7 @@ def _crash_files(folder: Path) -> list[Path]:
 
 def test_failed_job_is_named_everywhere_and_its_traceback_survives_the_next_run(raw, tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    command = [str(raw), str(out), "participant", "-w", str(work), *FAST]
+    command = [str(raw), str(out), "participant", "-w", str(work), *OPTIONS]
     code, err = _run_killing_a_job(command)  # sub-01's jobs
     assert code == 1
     # the others go on
@@ -94,7 +93,7 @@ def test_failed_job_is_named_everywhere_and_its_traceback_survives_the_next_run(
 
 def test_group_level_failure_is_one_line_with_a_crash_file(raw, tmp_path):
     out = tmp_path / "out"
-    code, err = _run_killing_a_job([str(raw), str(out), "group", "-w", str(tmp_path / "work"), *FAST])
+    code, err = _run_killing_a_job([str(raw), str(out), "group", "-w", str(tmp_path / "work"), *OPTIONS])
     assert code == 1
     line = next(line for line in err.splitlines() if "group level failed" in line)
     assert KILLED.search(line) and "Traceback" not in err

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from demo_study import LOCAL
 
 from rwcflow import cli
-from rwcflow.bids_app.demo import write_demo_dataset
 from rwcflow.errors import os_error_line
 from rwcflow.example import make_example_pair
 from rwcflow.io import save_image
@@ -50,11 +50,10 @@ def test_register_on_a_full_disk_says_so_and_writes_nothing(small_disk, tmp_path
     assert not any((small_disk / "out").iterdir())  # the staging folder removed
 
 
-def test_app_participant_on_a_full_disk_fails_with_one_line(small_disk, tmp_path):
-    raw = write_demo_dataset(tmp_path / "raw", participants=1, sessions=2, resolution_mm=6.0)
-    run = subprocess.run([sys.executable, "-m", "rwcflow.bids_app.cli", str(raw), str(small_disk / "out"),
-                          "participant", "-w", str(tmp_path / "work"), "--model", "none", "--io-iters", "3",
-                          "--longitudinal-iterations", "1", "--nprocs", "1", "--skip-bids-validation"],
+def test_app_participant_on_a_full_disk_fails_with_one_line(small_disk, demo_study, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "rwcflow.bids_app.cli", str(demo_study["raw"]),
+                          str(small_disk / "out"), "participant", "-w", str(tmp_path / "work"),
+                          "--participant-label", "01", *LOCAL],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 1
     assert "Traceback" not in run.stderr and "Logging error" not in run.stderr, run.stderr[-3000:]

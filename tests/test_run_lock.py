@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+from demo_study import LOCAL
 
 from rwcflow.bids_app.cli import main
-from rwcflow.bids_app.demo import write_demo_dataset
 from rwcflow.run_lock import LOCK_NAME, WorkFolderBusy, WorkFolderLock, read_holder
 
 HOLD = """
@@ -61,28 +61,27 @@ def test_a_lock_held_on_another_host_is_reported_with_how_to_clear_it(tmp_path):
     assert f"rm {tmp_path / LOCK_NAME}" in message and "\n" not in message
 
 
-FAST = ["--model", "none", "--io-iters", "40", "--nprocs", "1", "--skip-bids-validation",
-        "--longitudinal-iterations", "1", "--device", "cpu"]
+OPTIONS = ["--participant-label", "01", *LOCAL]
 
 
-def test_two_concurrent_app_runs_on_one_work_folder(tmp_path, capsys):
-    raw = write_demo_dataset(tmp_path / "raw", participants=1, sessions=2, resolution_mm=6.0)
+def test_two_concurrent_app_runs_on_one_work_folder(demo_study, tmp_path, capsys):
+    raw = demo_study["raw"]
     work = tmp_path / "work"
     first = subprocess.Popen([sys.executable, "-m", "rwcflow.bids_app.cli", str(raw), str(tmp_path / "out1"),
-                              "participant", "-w", str(work), *FAST], stderr=subprocess.PIPE, text=True)
+                              "participant", "-w", str(work), *OPTIONS], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while not (work / LOCK_NAME).exists() and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert read_holder(work / LOCK_NAME)["pid"] == first.pid
         # a second run stops at once, one line naming the first, nothing written
-        assert main([str(raw), str(tmp_path / "out2"), "participant", "-w", str(work), *FAST]) == 2
+        assert main([str(raw), str(tmp_path / "out2"), "participant", "-w", str(work), *OPTIONS]) == 2
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert line.startswith(f"rwcflow: error: {work}: work folder in use") and f"pid {first.pid} " in line
         assert not (tmp_path / "out2").exists()
         # with --wait-for-lock it waits for the first, then runs (from the cache the first left)
         waiting = subprocess.run([sys.executable, "-m", "rwcflow.bids_app.cli", str(raw), str(tmp_path / "out3"),
-                                  "participant", "-w", str(work), "--wait-for-lock", *FAST],
+                                  "participant", "-w", str(work), "--wait-for-lock", *OPTIONS],
                                  capture_output=True, text=True, timeout=600)
         assert first.wait(timeout=600) == 0
         assert waiting.returncode == 0, waiting.stderr[-2000:]

@@ -5,7 +5,6 @@ of a run never interrupted; temporary files a killed run left are removed."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -14,23 +13,20 @@ import time
 from pathlib import Path
 
 import pytest
+from demo_study import FAST, digests
 
-from rwcflow.bids_app.demo import write_demo_dataset
 from rwcflow.run_lock import LOCK_NAME
 
-OPTIONS = ["--model", "none", "--io-iters", "60", "--nprocs", "2", "--skip-bids-validation",
-           "--longitudinal-iterations", "1", "--device", "cpu"]
+OPTIONS = ["--participant-label", "01", "--nprocs", "2", *FAST]
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """The demo dataset (1 participant, 2 sessions, 6 mm) and the digests of an uninterrupted run."""
-    root = tmp_path_factory.mktemp("signals")
-    raw = write_demo_dataset(root / "raw", participants=1, sessions=2, resolution_mm=6.0)
-    reference = subprocess.run(_command(raw, root / "reference", root / "work-reference"), capture_output=True,
-                               text=True, timeout=600)
-    assert reference.returncode == 0, reference.stderr[-2000:]
-    return raw, _digests(root / "reference")
+@pytest.fixture
+def dataset(demo_study):
+    """The demo dataset and the digests of sub-01's participant-level images in an uninterrupted run of
+    it (tests/conftest.py's ``demo_study``; the group level adds those in the group template's space)."""
+    reference = {name: digest for name, digest in digests(demo_study["out"]).items()
+                 if name.startswith("sub-01/") and name.endswith(".nii.gz") and "unbiased" not in name}
+    return demo_study["raw"], reference
 
 
 def _command(raw: Path, out: Path, work: Path) -> list[str]:
@@ -39,8 +35,7 @@ def _command(raw: Path, out: Path, work: Path) -> list[str]:
 
 
 def _digests(out: Path) -> dict[str, str]:
-    return {str(path.relative_to(out)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(out.rglob("*.nii.gz"))}
+    return {name: digest for name, digest in digests(out).items() if name.endswith(".nii.gz")}
 
 
 def _descendants(pid: int) -> set[int]:

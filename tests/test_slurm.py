@@ -1,7 +1,7 @@
 """The BIDS App on a real one-node SLURM cluster (tests/slurm/cluster.sh: munged, MariaDB, slurmdbd,
 slurmctld, slurmd): ``--plugin slurm`` (every Pydra job a SLURM job) and the sbatch recipe
 (bids_app/slurm/submit.sh: a participant job array, then a dependent group job) must give the same
-derivatives as a local ``cf`` run of the same dataset.
+derivatives as a local ``cf`` run of the same dataset (tests/conftest.py's ``demo_study``).
 
 The cluster of ``.ci/run`` is used when ``SLURM_CONF`` names one that answers; otherwise, as root, the
 tests start their own; not as root they are skipped."""
@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,15 +19,13 @@ import time
 from pathlib import Path
 
 import pytest
+from demo_study import FAST
 
 from rwcflow.bids_app.cli import main
-from rwcflow.bids_app.demo import write_demo_dataset
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 CLUSTER = REPOSITORY / "tests" / "slurm" / "cluster.sh"
 SUBMIT = REPOSITORY / "bids_app" / "slurm" / "submit.sh"
-OPTIONS = ["--model", "none", "--io-iters", "10", "--skip-bids-validation", "--longitudinal-iterations", "1",
-           "--group-iterations", "1", "--device", "cpu"]
 
 
 def _answers() -> bool:
@@ -66,26 +65,15 @@ def cluster():
             os.environ["SLURM_CONF"] = previous
 
 
-@pytest.fixture(scope="module")
-def local_run(tmp_path_factory):
-    """A 2 participants x 2 sessions dataset (6 mm), and both levels run on it with the local cf worker."""
-    root = tmp_path_factory.mktemp("study")
-    raw = write_demo_dataset(root / "raw", participants=2, sessions=2, resolution_mm=6.0)
-    out = root / "local"
-    for level in ("participant", "group"):
-        assert main([str(raw), str(out), level, "-w", str(root / "work-local"), "--nprocs", "1", *OPTIONS]) == 0
-    return raw, out
-
-
 def _derivatives(folder: Path) -> dict[str, bytes]:
-    """Every derivative's bytes, but logs, and reports without the time they were written."""
+    """Every derivative's bytes, but logs, and reports without the time and command line of their run."""
     files = {}
     for path in sorted(folder.rglob("*")):
         name = str(path.relative_to(folder))
         if path.is_file() and not name.startswith("logs/"):
             files[name] = path.read_bytes()
-            if path.suffix == ".html":
-                files[name] = re.sub(rb"report written [^<]*", b"", files[name])
+            if path.suffix == ".html":  # the time it was written and the command line differ
+                files[name] = re.sub(rb"report written [^<]*|<th>command</th><td><code>[^<]*", b"", files[name])
     return files
 
 
@@ -102,31 +90,66 @@ def _next_job_id() -> int:
     return max((int(job[0].split("_")[0]) for job in jobs), default=0) + 1
 
 
-def test_plugin_slurm_runs_each_registration_as_a_job_and_matches_the_local_run(cluster, local_run, tmp_path):
-    raw, local = local_run
+def test_plugin_slurm_runs_each_registration_as_a_job_cancels_them_when_stopped_and_resumes(cluster, demo_study,
+                                                                                           tmp_path):
+    """``rwcflow --plugin slurm`` (here sub-01's participant level): every task a SLURM job; stopped by
+    SIGTERM (``scancel`` of the job running ``rwcflow``, a time limit) while its jobs run, it cancels them;
+    the same command resumes, to the local run's derivatives."""
+    raw, local = demo_study["raw"], demo_study["out"]
     first = _next_job_id()
     out = tmp_path / "slurm"
-    for level in ("participant", "group"):
-        assert main([str(raw), str(out), level, "-w", str(tmp_path / "work"), "--plugin", "slurm",
-                     "--slurm-args=--mem=1G", *OPTIONS]) == 0
+    command = [str(raw), str(out), "participant", "--participant-label", "01", "-w", str(tmp_path / "work"),
+               "--plugin", "slurm", "--slurm-args=--mem=1G", *FAST]
+    run = subprocess.Popen([sys.executable, "-m", "rwcflow.bids_app.cli", *command], stderr=subprocess.PIPE,
+                           text=True)
+    _wait_until(lambda: any(state == "RUNNING" for _, _, state in _jobs(first)), "a job of the run is running")
+    run.send_signal(signal.SIGTERM)
+    stderr = run.communicate(timeout=120)[1]
+    assert run.returncode == 143, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("rwcflow: stopped by SIGTERM")
+    _wait_until(lambda: not _queued(first), "the run's jobs have left the queue")
+    assert "CANCELLED" in {state.split()[0] for _, _, state in _jobs(first)}
+
+    assert main(command) == 0
     jobs = _jobs(first)
-    registrations = [job for job in jobs if job[1].startswith("register")]  # job names: the workflow nodes'
-    # one template update: each session registered to the current template, then to the final one (2
-    # participants x 2 sessions x 2); the group level the same over the 2 within-subject templates
-    assert len(registrations) == 2 * 2 * 2 + 2 * 2
-    assert {state for _, _, state in jobs} == {"COMPLETED"}
-    assert _derivatives(out) == _derivatives(local)
+    # job names: the workflow nodes'. One template update: each session registered to the current
+    # template, then to the final one; each once, whether before the stop or when resumed
+    registrations = [job for job in jobs if job[1].startswith("register") and job[2] == "COMPLETED"]
+    assert len(registrations) == 2 * 2
+    assert {state.split()[0] for _, _, state in jobs} <= {"COMPLETED", "CANCELLED"}
+    assert _participant_level(_derivatives(out), "01") == _participant_level(_derivatives(local), "01")
+
+
+def _participant_level(derivatives: dict[str, bytes], label: str) -> dict[str, bytes]:
+    """The files of one participant's folder that its participant level writes (the group level adds
+    those in the group template's space)."""
+    return {name: data for name, data in derivatives.items()
+            if name.startswith(f"sub-{label}/") and "unbiased" not in name}
+
+
+def _queued(first: int) -> list[str]:
+    """The IDs of the jobs from ID ``first`` on that are still queued or running."""
+    listing = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout
+    return [job for job in listing.split() if int(job.split("_")[0]) >= first]
+
+
+def _wait_until(condition, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {timeout:.0f} s: {what}")
+        time.sleep(1)
 
 
 def _wait_for(first: int, last: str, timeout: float = 900) -> dict[str, tuple[str, str]]:
     """Wait until job ``last`` has ended; then {job ID: (name, state)} of the jobs from ID ``first`` on."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        jobs = {job_id: (name, state) for job_id, name, state in _jobs(first)}
-        if last in jobs and jobs[last][1] not in ("PENDING", "RUNNING"):
-            return jobs
-        time.sleep(2)
-    raise TimeoutError(f"SLURM job {last} did not end in {timeout:.0f} s")
+
+    def ended() -> bool:
+        states = {job_id: state for job_id, _, state in _jobs(first)}
+        return last in states and states[last] not in ("PENDING", "RUNNING")
+
+    _wait_until(ended, f"SLURM job {last} has ended", timeout)
+    return {job_id: (name, state) for job_id, name, state in _jobs(first)}
 
 
 def _submit(*arguments: str, **variables: str) -> str:
@@ -137,10 +160,10 @@ def _submit(*arguments: str, **variables: str) -> str:
                           check=True).stdout
 
 
-def test_sbatch_recipe_job_array_then_group_matches_the_local_run(cluster, local_run, tmp_path):
-    raw, local = local_run
+def test_sbatch_recipe_job_array_then_group_matches_the_local_run(cluster, demo_study, tmp_path):
+    raw, local = demo_study["raw"], demo_study["out"]
     out, work = tmp_path / "derivatives", tmp_path / "work"
-    submitted = _submit(str(raw), str(out), str(work), *OPTIONS)
+    submitted = _submit(str(raw), str(out), str(work), *FAST)
     array, group = (int(number) for number in re.findall(r"job(?: array)? (\d+)", submitted))
     jobs = _wait_for(array, str(group))
     assert jobs == {f"{array}_1": ("rwcflow-participant", "COMPLETED"),
@@ -154,16 +177,15 @@ def test_sbatch_recipe_job_array_then_group_matches_the_local_run(cluster, local
     assert _derivatives(out) == _derivatives(local)
 
 
-def test_sbatch_recipe_runs_the_selected_participants_only(cluster, local_run, tmp_path):
-    raw, local = local_run
+def test_sbatch_recipe_runs_the_selected_participants_only(cluster, demo_study, tmp_path):
+    raw, local = demo_study["raw"], demo_study["out"]
     out, work = tmp_path / "derivatives", tmp_path / "work"
-    submitted = _submit(str(raw), str(out), str(work), "--participant-label", "sub-02", *OPTIONS,
+    submitted = _submit(str(raw), str(out), str(work), "--participant-label", "sub-02", *FAST,
                         RWCFLOW_GROUP="no")
     array = int(re.fullmatch(r"participant level: job array (\d+) \(1 participants\)\n", submitted).group(1))
     assert _wait_for(array, f"{array}_1") == {f"{array}_1": ("rwcflow-participant", "COMPLETED")}
     assert (work / "participants.txt").read_text() == "02\n"
     written = _derivatives(out)
     assert {name.split("/")[0] for name in written if name.startswith("sub-")} == {"sub-02", "sub-02.html"}
-    participant_level = {name: data for name, data in _derivatives(local).items()
-                         if name.startswith("sub-02/") and "unbiased" not in name}  # group level: into tpl-unbiased
-    assert {name: data for name, data in written.items() if name.startswith("sub-02/")} == participant_level
+    assert {name: data for name, data in written.items() if name.startswith("sub-02/")} == \
+        _participant_level(_derivatives(local), "02")
