@@ -178,7 +178,7 @@ def dataset_description(output_dir: Path, bids_dir: Path) -> Path:
         "GeneratedBy": [generated_by],
         **({"SourceDatasets": [identity]} if "DOI" in identity else {}),
         "DatasetLinks": {"raw": bids_dir.resolve().as_uri()},
-        "HowToAcknowledge": "Cite rwcflow and RWCNet (Sivan et al. 2022); see logs/CITATION.md.",
+        "HowToAcknowledge": "Cite rwcflow and the works listed in logs/CITATION.md (written for this run's options).",
     })
 
 
