@@ -1,0 +1,114 @@
+"""The README's main job, timed and checked: ``make run-example`` with default options on a fresh demo.
+
+Run from the repository root: ``python -m benchmarks.bench_example [--folder DIR] [--from-run DIR]``.
+It runs ``make run-example`` (the demo dataset, the App's participant and group levels with their
+default options, then ``rwcflow-demo-check``) into a new folder, unless ``--from-run`` names a folder
+where that ran, and reads what the run wrote: per level its wall time (from the App's log file), the
+registrations and groupwise refinements it ran (count, and the job time each took: jobs run two at a
+time on two CPUs, so job times add up to more than the wall time), and the demo check's rows. Prints a
+Markdown table and writes ``benchmarks/results/example_<device>.{json,md}``.
+
+The targets it is measured against: both levels within 5 minutes on the 2-core machine, every
+participant's recovered change within ±0.5 percentage points of the truth and a far field under 0.005.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+from benchmarks.system import REPOSITORY, environment
+
+LEVELS = ("participant", "group")
+TARGET_S = 300.0
+STEPS = {"registration": re.compile(r"registered in ([\d.]+) s$"),
+         "groupwise refinement": re.compile(r"groupwise refinement of \d+ sessions: done in ([\d.]+) s$")}
+
+
+def run_example(folder: Path) -> float:
+    """``make run-example`` into ``folder`` with this Python's installation; its wall time in seconds."""
+    start = time.perf_counter()
+    subprocess.run(["make", "--no-print-directory", "-C", str(REPOSITORY), "run-example",
+                    f"BIN={Path(sys.executable).parent}", f"EXAMPLE={folder.absolute()}"], check=False)
+    return time.perf_counter() - start
+
+
+def level_times(log: Path) -> dict:
+    """Wall time (first to last line) and per step kind the count and summed job time of one level's log."""
+    stamps, steps = [], {name: [] for name in STEPS}
+    for line in log.read_text().splitlines():
+        stamp = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ (.*)", line)
+        if not stamp:
+            continue
+        stamps.append(datetime.strptime(stamp[1], "%Y-%m-%d %H:%M:%S,%f"))
+        for name, pattern in STEPS.items():
+            if found := pattern.search(stamp[2]):
+                steps[name].append(float(found[1]))
+    return {"wall_s": round((stamps[-1] - stamps[0]).total_seconds(), 1),
+            "steps": {name: {"count": len(times), "job_s": round(sum(times), 1)} for name, times in steps.items()}}
+
+
+def measure(folder: Path) -> dict:
+    """The timings of the levels and the demo check of a ``make run-example`` folder."""
+    logs = folder / "derivatives" / "logs"
+    levels = {}
+    for level in LEVELS:
+        found = sorted(logs.glob(f"rwcflow-{level}-*.log"))
+        if len(found) != 1:
+            raise SystemExit(f"{logs}: expected one {level} log of a fresh run, found {len(found)}")
+        levels[level] = level_times(found[0])
+    check = json.loads((folder / "derivatives" / "demo_validation.json").read_text())
+    return {"levels": levels, "both_levels_s": round(sum(level["wall_s"] for level in levels.values()), 1),
+            "check": check}
+
+
+def table(result: dict) -> str:
+    lines = ["| level | wall time | registrations (jobs, job time) | groupwise refinements (jobs, job time) |",
+             "|---|---|---|---|"]
+    for level, times in result["levels"].items():
+        registration, refinement = times["steps"]["registration"], times["steps"]["groupwise refinement"]
+        lines.append(f"| {level} | {times['wall_s']:.0f} s | {registration['count']}, {registration['job_s']:.0f} s "
+                     f"| {refinement['count']}, {refinement['job_s']:.0f} s |")
+    verdict = "within" if result["both_levels_s"] <= TARGET_S else "over"
+    lines += ["", f"Both levels: {result['both_levels_s']:.0f} s ({verdict} the {TARGET_S:.0f} s target).", "",
+              "| participant | session | true change | recovered change | error | far-field mean abs Δ log J | result |",
+              "|---|---|---|---|---|---|---|"]
+    for row in result["check"]["rows"]:
+        lines.append(f"| {row['participant']} | {row['session']} | {row['true_change_percent']:.2f} % "
+                     f"| {row['recovered_change_percent']:.2f} % | {row['error_pp']:+.2f} pp "
+                     f"| {row['far_field_mean_abs_log_change']:.4f} | {'pass' if row['passed'] else 'FAIL'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--folder", type=Path, help="where to run the example (default: a new temporary folder)")
+    parser.add_argument("--from-run", type=Path, help="a folder where make run-example ran: measure it, run nothing")
+    parser.add_argument("--out", type=Path, default=REPOSITORY / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    folder = args.from_run
+    total = None
+    if folder is None:
+        folder = args.folder or Path(tempfile.mkdtemp(prefix="rwcflow-example-"))
+        total = round(run_example(folder), 1)
+    result = {"command": "make run-example (default options)", "folder": str(folder), "make_wall_s": total,
+              **measure(folder), "environment": environment()}
+    text = table(result)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "example_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "example_cpu.md").write_text(
+        f"# `make run-example` with default options\n\n{result['environment']['processor']}, "
+        f"{result['environment']['cpu_count']} CPUs, {result['environment']['date']}.\n\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
