@@ -62,8 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     registration.add_argument("--model", default="default", help="RWCNet model: default | none | a model file")
     registration.add_argument("--io-iters", type=int, metavar="N",
                               help="instance-optimisation steps per level (0: off; default: rwcflow's)")
-    registration.add_argument("--longitudinal-iterations", type=int, default=2, metavar="K",
-                              help="within-subject template updates (default 2)")
     registration.add_argument("--refine-iters", type=int, default=REFINE_ITERS, metavar="N",
                               help=f"Adam steps of the joint refinement of each participant's session maps "
                                    f"(0: off; default {REFINE_ITERS})")
@@ -140,7 +138,6 @@ def check_options(args: argparse.Namespace, output_dir: Path, work_dir: Path) ->
     check_output_folder("--work-dir", work_dir)
     for option, value, minimum in (("--nprocs", args.nprocs, 1), ("--omp-nthreads", args.omp_nthreads, 1),
                                    ("--io-iters", args.io_iters, 0),
-                                   ("--longitudinal-iterations", args.longitudinal_iterations, 1),
                                    ("--refine-iters", args.refine_iters, 0),
                                    ("--group-iterations", args.group_iterations, 1),
                                    ("--random-seed", args.random_seed, 0)):
@@ -156,7 +153,7 @@ def _run_level(args: argparse.Namespace, participants: list, template: TemplateC
     model = args.model if args.model in ("default", "none") else str(Path(args.model).absolute())
     options = RunOptions(template=template, work_dir=work_dir, model=model,
                          io_iters=args.io_iters, device=args.device,
-                         longitudinal_iterations=args.longitudinal_iterations, refine_iters=args.refine_iters,
+                         refine_iters=args.refine_iters,
                          group_iterations=args.group_iterations, nprocs=args.nprocs,
                          omp_nthreads=args.omp_nthreads, plugin=args.plugin, slurm_args=args.slurm_args,
                          seed=args.random_seed, command=args.command)

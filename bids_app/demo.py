@@ -9,9 +9,11 @@ T1w image each) made from real anatomy, the skull-stripped MNI152 2009a template
   intensity change: the example pair of :func:`rwcflow.example.make_example_pair`, one seed each;
 * every later session is session 1 with a simulated local atrophy: a sphere around the left hippocampus
   (MNI (-26, -22, -14) mm, radius 12 mm) shrunk by ``atrophy_percent`` % of its volume per session
-  (session ``k`` has lost ``(k - 1) * atrophy_percent`` %), then a tiny rigid repositioning;
+  (session ``k`` has lost ``(k - 1) * atrophy_percent`` %), resampled by cubic-spline interpolation (which
+  keeps the image's sharpness, as a new scan would, where trilinear resampling would blur the sphere's
+  inside only), then a tiny rigid repositioning (of the header);
 * every session gets its own Gaussian noise inside the brain (background stays 0, as after skull
-  stripping).
+  stripping), that of a 1 mm scan averaged over the voxel's volume (:data:`NOISE_FRACTION_1MM`).
 
 The truth is stored under ``sourcedata/truth/`` (which BIDS validators ignore): the cropped template,
 per participant the template->session-1 mapping and each later session's session-1->session mapping as
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from rwcflow import __version__, spatial, transforms
 from rwcflow.errors import InputError, RwcflowError
@@ -44,8 +47,9 @@ TEMPLATE = "MNI152NLin2009aSym"
 LEFT_HIPPOCAMPUS_MNI_MM = (-26.0, -22.0, -14.0)
 ATROPHY_RADIUS_MM = 12.0
 ANATOMY_DISPLACEMENT_MM = 8.0
-NOISE_FRACTION = 0.01
-"""Noise standard deviation, as a fraction of the 99th percentile of the brain's intensities."""
+NOISE_FRACTION_1MM = 0.02
+"""Noise standard deviation of a 1 mm scan, as a fraction of the 99th percentile of the brain's intensities.
+A voxel of ``v`` mm³ averages ``v`` such voxels: its noise is ``NOISE_FRACTION_1MM / sqrt(v)`` (0.38 % at 3 mm)."""
 REPOSITIONING = (1.0, 1.0)
 """Largest rotation (degrees, per axis) and shift (mm, per axis) of a later session against session 1."""
 
@@ -128,7 +132,7 @@ def make_participant(label: str, *, sessions: int = 2, resolution_mm: float = 3.
     rng = np.random.default_rng([seed, 1])
     gain = float(rng.uniform(800.0, 1200.0))
     first = pair.moving.with_data((gain * pair.moving.data).astype(np.float32))
-    noise_std = NOISE_FRACTION * float(np.percentile(first.data[first.data > 0], 99))
+    noise_std = NOISE_FRACTION_1MM / resolution_mm**1.5 * float(np.percentile(first.data[first.data > 0], 99))
 
     # where the template's left hippocampus lies in session 1: the brain voxel x is the moving voxel x + v(x)
     centre = pair.fixed.grid.world_to_voxel(np.asarray(LEFT_HIPPOCAMPUS_MNI_MM))
@@ -142,7 +146,9 @@ def make_participant(label: str, *, sessions: int = 2, resolution_mm: float = 3.
     for number in range(2, sessions + 1):
         loss = (number - 1) * atrophy_percent / 100.0
         field = shrink_sphere(first.grid, centre_ses1, ATROPHY_RADIUS_MM, loss)
-        shrunk = spatial.warp(first.tensor(), field)[0, 0].numpy()
+        coords = np.indices(first.grid.shape, dtype=np.float64) + field[0].double().numpy()
+        shrunk = np.maximum(ndimage.map_coordinates(first.data, coords, order=3, mode="nearest"), 0.0)
+        shrunk[spatial.warp(first.tensor(), field)[0, 0].numpy() == 0] = 0.0  # the spline's ripples off the brain
         angle, shift = REPOSITIONING
         move = rigid_matrix(rng.uniform(-angle, angle, 3), rng.uniform(-shift, shift, 3), middle)
         grid = Grid(first.grid.shape, move @ first.affine)
@@ -250,8 +256,10 @@ Each participant is the MNI ICBM152 2009a template brain deformed by its own kno
 (up to {ANATOMY_DISPLACEMENT_MM:g} mm), moved by a small rigid transform and given an intensity change.
 Each later session is session 1 with a simulated local atrophy around the left hippocampus (a sphere of
 {ATROPHY_RADIUS_MM:g} mm radius around the template's MNI point {LEFT_HIPPOCAMPUS_MNI_MM}, shrunk uniformly by
-{atrophy_percent:g} % of its volume per session, fading to no change at twice the radius), then a tiny rigid
-repositioning. Every session has its own Gaussian noise inside the brain.
+{atrophy_percent:g} % of its volume per session, fading to no change at twice the radius; cubic-spline
+resampling), then a tiny rigid repositioning. Every session has its own Gaussian noise inside the brain
+(that of a 1 mm scan with {100 * NOISE_FRACTION_1MM:g} % of the brain's 99th intensity percentile, averaged
+over the voxel's volume).
 
 ## Ground truth: sourcedata/truth/
 

@@ -30,7 +30,6 @@ class RunOptions:
     model: str = "default"
     io_iters: int | None = None
     device: str = "auto"
-    longitudinal_iterations: int = 2
     refine_iters: int = REFINE_ITERS
     group_iterations: int = 3
     nprocs: int = 1
@@ -47,8 +46,7 @@ class RunOptions:
         """The options recorded in sidecars and reports, with the sha256 of the model file used."""
         return {"template": self.template.name, "model": self.model, "model_sha256": model_sha256(self.model),
                 "io_iters": self.io_iters,
-                "device": self.device, "longitudinal_iterations": self.longitudinal_iterations,
-                "refine_iters": self.refine_iters,
+                "device": self.device, "refine_iters": self.refine_iters,
                 "group_iterations": self.group_iterations, "random_seed": self.seed}
 
     def submitter(self) -> ResumingSubmitter:

@@ -57,9 +57,8 @@ def run_participant(participant: Participant, bids_dir: Path, output_dir: Path,
         raise RwcflowError(f"sub-{participant.label}: no structural image found")
     names.remove_stale_staging(output_dir, participant.label)
     group = options.template.path
-    workflow = Longitudinal(sessions=participant.images, iterations=options.longitudinal_iterations,
-                            refine_iters=options.refine_iters, model=options.model, io_iters=options.io_iters,
-                            device=options.device, group_template=group)
+    workflow = Longitudinal(sessions=participant.images, refine_iters=options.refine_iters, model=options.model,
+                            io_iters=options.io_iters, device=options.device, group_template=group)
     with options.submitter() as submitter:
         outputs = submitter(workflow, raise_errors=True).outputs
     return _write(participant, outputs, bids_dir, output_dir, options)

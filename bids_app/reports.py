@@ -165,7 +165,7 @@ def rwcflow_version() -> str:
 def methods(parameters: Mapping) -> tuple[list[str], list[str]]:
     """The methods paragraphs for the run's options ``parameters`` (:meth:`RunOptions.parameters
     <rwcflow.bids_app.options.RunOptions.parameters>`: ``template``, ``model``, ``model_sha256``,
-    ``io_iters``, ``longitudinal_iterations``, ``refine_iters``, ``group_iterations``), and the references
+    ``io_iters``, ``refine_iters``, ``group_iterations``), and the references
     they cite, in order of first citation: exactly those."""
     cited: list[str] = []
 
@@ -220,29 +220,29 @@ def _steps(io_iters: int | None, default: int) -> str:
 
 
 def _within_subject(parameters: Mapping, cite: Cite) -> str:
-    """The within-subject template, the joint refinement (or none) and the change maps."""
+    """The within-subject template: the rigid midspace, the joint refinement (or none) and the change maps."""
     refine = parameters["refine_iters"]
-    refinement = (f"The final template-to-session transforms were then refined jointly ({_count(refine, 'Adam step')}): "
-                  f"each session, resampled alike through its transform, was compared by local correlation with "
-                  f"the mean of the others rather than with the template, so that sub-voxel changes are not pulled "
-                  f"towards the template's blur, as in symmetric longitudinal registration "
-                  f"({cite('asymmetry', 'inverse-consistent')}).") if refine else \
-        "The transforms were not refined jointly (--refine-iters 0)."
-    return (f"For each participant with several sessions, an unbiased within-subject template was built by "
-            f"iterative groupwise registration of all sessions "
-            f"({_count(parameters['longitudinal_iterations'], 'template update')}: register every session to the "
-            f"current template, average, remove the mean shape; as in ANTs' template construction, "
-            f"{cite('templates')}), so that no session is privileged. {refinement} Each session was resampled into "
-            f"the template in one interpolation, and the Jacobian determinant of its transform and its logarithm "
-            f"were computed in template space for tensor-based morphometry; the change between two sessions is "
-            f"the difference of their log-Jacobian maps.")
+    refinement = (f"Their transforms were then refined jointly ({_count(refine, 'Adam step')}): each session, "
+                  f"resampled alike through its transform, was compared by local correlation with the mean of the "
+                  f"others rather than with a template, with smooth corrections of zero mean, as in symmetric "
+                  f"longitudinal registration ({cite('asymmetry')}); the template is the mean of the resampled "
+                  f"sessions.") if refine else \
+        ("Their transforms were not refined (--refine-iters 0): they are rigid, and the change maps show no "
+         "change; the template is the mean of the resampled sessions.")
+    return (f"For each participant with several sessions, an unbiased within-subject template was built: the "
+            f"sessions were aligned rigidly into the space half-way between them, as in FreeSurfer's longitudinal "
+            f"stream ({cite('inverse-consistent')}), so that no session is privileged. {refinement} Each session "
+            f"was resampled into the template in one interpolation, and the Jacobian determinant of its transform "
+            f"and its logarithm were computed in template space for tensor-based morphometry; the change between "
+            f"two sessions is the difference of their log-Jacobian maps.")
 
 
 def _group(parameters: Mapping, cite: Cite) -> str:
     """The group template: registered to a given one, or built from the data (the group level)."""
     template, updates = parameters["template"], _count(parameters["group_iterations"], "template update")
-    built = ("A group template, when built (rwcflow's group level), was made in the same way from the "
-             f"participants' within-subject templates ({cite('templates')})")
+    built = ("A group template, when built (rwcflow's group level), was made from the participants' "
+             "within-subject templates by iterative groupwise registration (register every template to the current "
+             f"one, average, remove the mean shape; as in ANTs' template construction, {cite('templates')})")
     if template == UNBIASED:
         return f"{built}, with {updates}."
     return (f"Each within-subject template was registered to the group template {template}, and every session was "

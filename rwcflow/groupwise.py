@@ -19,12 +19,11 @@ resampling blur itself, which is least at whole voxels, and so pull the maps tow
 window's correlation is normalised by its own contrast and is less sensitive to it. Even resampled
 alike, two sessions whose maps differ by a fraction of a voxel are blurred differently by trilinear
 interpolation, so they are sampled through the cubic B-spline kernel, whose blur is the same at every
-sub-voxel position (``interpolation``): in the 2 mm validation this recovers 99 % instead of 90 % of a
-sub-voxel volume loss with an acquisition-like session 2, and the 1 mm maps no longer follow the
-images' texture (benchmarks/results/workflows_longitudinal_refinement_settings{,_1mm_crop}_cpu.md). The
-template is then the mean of the ``w_i``. Intended after a template construction
-(:func:`rwcflow.workflows.atlas.Atlas`) has found the large deformations: the corrections are small and
-are optimised at full resolution without a pyramid.
+sub-voxel position (``interpolation``). The template is then the mean of the ``w_i``. The corrections
+are small (the within-subject change, after the sessions' rigid midspace, :mod:`rwcflow.midspace`): they
+live on a control grid of ``control_spacing`` template voxels, smoothed there and interpolated
+trilinearly to the template grid, and are optimised without a pyramid (the defaults' validation:
+``benchmarks/results/example_cpu.md``).
 """
 
 from __future__ import annotations
@@ -49,29 +48,32 @@ class GroupwiseRefinement:
     """Options of :func:`refine_groupwise`.
 
     * ``iterations``: Adam steps (0: the maps are returned unchanged, the template re-averaged).
-    * ``learning_rate``: Adam's initial step in template voxels (cosine-decayed to 0).
+    * ``learning_rate``: Adam's initial step in control-grid units of template voxels (cosine-decayed to 0).
     * ``regularization``: weight of the diffusion term of each correction (in template voxels).
-    * ``smoothing``: passes of a 3-voxel box filter over the corrections at every step (10: about a
-      Gaussian of 2.6 voxels). The corrections are kept smooth by this parameterisation rather than by the
-      diffusion term, as ANTs' SyN smooths its updates: with a diffusion weight large enough to smooth
-      them, the 2 mm validation recovers 68-71 % of a sub-voxel volume change, with box passes and a weak
-      diffusion term 75-100 % (benchmarks/results/workflows_longitudinal_*_cpu.md).
+    * ``control_spacing``: template voxels between the corrections' control points (1: every voxel).
+    * ``smoothing``: passes of a 3-point box filter over the control grid at every step (3 at a spacing of
+      2: about a Gaussian of 2.8 template voxels). The corrections are kept smooth by this
+      parameterisation rather than by the diffusion term, as ANTs' SyN smooths its updates: a diffusion
+      weight large enough to smooth them also shrinks the change they measure.
     * ``window``: side in voxels of the cubic windows of the local correlation (odd).
     * ``interpolation``: how the sessions are sampled while they are compared, ``"linear"`` (trilinear)
       or ``"bspline"`` (:func:`rwcflow.spatial.bspline_sample`, a blur that does not depend on the
       sub-voxel position). The outputs are resampled trilinearly either way.
     """
 
-    iterations: int = 200
-    learning_rate: float = 0.05
+    iterations: int = 100
+    learning_rate: float = 0.1
     regularization: float = 1.0
-    smoothing: int = 10
+    control_spacing: int = 2
+    smoothing: int = 3
     window: int = 7
     interpolation: str = "bspline"
 
     def __post_init__(self) -> None:
         if self.iterations < 0 or self.smoothing < 0:
             raise ValueError("iterations and smoothing must be >= 0")
+        if self.control_spacing < 1:
+            raise ValueError(f"control_spacing must be a positive number of voxels, got {self.control_spacing}")
         if self.learning_rate <= 0 or self.regularization < 0:
             raise ValueError("learning_rate must be > 0 and regularization >= 0")
         if self.window < 1 or self.window % 2 == 0:
@@ -162,15 +164,22 @@ def refine_groupwise(
     bspline = options.interpolation == "bspline"
     compared = _compared_voxels(tissue, sessions, initial, options.window, reach=1 if bspline else 0)
 
+    spacing = options.control_spacing
+    control_shape = [-(-(n - 1) // spacing) + 1 for n in grid.shape]  # the last control point at or past the edge
+
     def corrections(parameter: Tensor) -> Tensor:
         smoothed = spatial.box_smooth(parameter, options.smoothing)
+        if spacing > 1:
+            fine = [(n - 1) * spacing + 1 for n in control_shape]
+            smoothed = F.interpolate(smoothed, size=fine, mode="trilinear", align_corners=True)
+            smoothed = smoothed[:, :, : grid.shape[0], : grid.shape[1], : grid.shape[2]]
         return smoothed - smoothed.mean(0, keepdim=True)
 
     def composed(i: int, correction: Tensor) -> Tensor:
         return session_maps[i].at(identity + correction[i : i + 1])
 
     sample = spatial.bspline_sample if bspline else spatial.sample
-    parameter = torch.zeros((len(sessions), 3, *grid.shape), device=device, requires_grad=True)
+    parameter = torch.zeros((len(sessions), 3, *control_shape), device=device, requires_grad=True)
     voxels = float(np.prod(grid.shape))
     optimizer = torch.optim.Adam([parameter], lr=options.learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(options.iterations, 1))

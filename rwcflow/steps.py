@@ -20,6 +20,7 @@ from rwcflow import maps, templates, transforms
 from rwcflow.errors import InputError
 from rwcflow.groupwise import GroupwiseRefinement, refine_groupwise
 from rwcflow.io import Image, load_image, save_image
+from rwcflow.midspace import rigid_midspace
 from rwcflow.optimize import InstanceOptimization
 from rwcflow.devices import run_on_device
 from rwcflow.register import register
@@ -178,8 +179,22 @@ def single_session(session: PathLike, out_dir: PathLike) -> tuple[Path, Path, Pa
             save_image(image, Path(out_dir) / output_name(session, "warped")))
 
 
+def rigid_midspace_files(sessions: Sequence[PathLike], out_dir: PathLike, *, align: bool = True,
+                         device: str = "auto") -> list[Path]:
+    """The sessions' rigid midspace (:func:`rwcflow.midspace.rigid_midspace`): per session the
+    template→session map ``<session>_xfm.nii.gz``, an ITK displacement field on the template grid."""
+    images = [load_image(session) for session in sessions]
+    grid, matrices = run_on_device(lambda chosen: rigid_midspace(images, align=align, device=chosen), device,
+                                   f"rigid midspace of {len(sessions)} sessions")
+    zero = np.zeros((1, 3, *grid.shape))
+    return [transforms.write_displacement_field(Path(out_dir) / output_name(session, "xfm"),
+                                                transforms.compose_world_displacement(grid, matrix, zero), grid)
+            for session, matrix in zip(sessions, matrices)]
+
+
 def groupwise_refine_files(sessions: Sequence[PathLike], xfms: Sequence[PathLike], out_dir: PathLike, *,
-                           iterations: int = 200, regularization: float = GroupwiseRefinement.regularization,
+                           iterations: int = GroupwiseRefinement.iterations,
+                           regularization: float = GroupwiseRefinement.regularization,
                            device: str = "auto") -> tuple[Path, list[Path], list[Path]]:
     """Refine the template→session fields ``xfms`` (ITK, on the template's grid) of ``sessions`` jointly
     (:func:`rwcflow.groupwise.refine_groupwise`): ``template.nii.gz`` (the mean of the resampled

@@ -176,7 +176,16 @@ ShapeUpdate = python.define(_shape_update_job, name="ShapeUpdate",
                             outputs={"template": File, "log": File, "templates": list[File]})
 
 
-def _groupwise_refine_job(sessions: list[File], xfms: list[File], iterations: int = 200,
+def _rigid_midspace_job(sessions: list[File], align: bool = True, device: str = "auto") -> list[File]:
+    """The sessions' rigid midspace (:func:`rwcflow.midspace.rigid_midspace`; ``align`` False: the sessions are
+    aligned in world space already): per session its template→session map (ITK field on the template grid)."""
+    return steps.rigid_midspace_files(sessions, Path.cwd(), align=align, device=device)
+
+
+RigidMidspace = python.define(_rigid_midspace_job, name="RigidMidspace", outputs={"xfms": list[File]})
+
+
+def _groupwise_refine_job(sessions: list[File], xfms: list[File], iterations: int = GroupwiseRefinement.iterations,
                           regularization: float = GroupwiseRefinement.regularization,
                           device: str = "auto") -> tuple[File, list[File], list[File]]:
     """Refine the template→session fields ``xfms`` (ITK, one per session, on the template's grid) of

@@ -6,7 +6,7 @@ import hashlib
 from pathlib import Path
 
 FAST = ["--model", "none", "--io-iters", "10", "--refine-iters", "20", "--skip-bids-validation",
-        "--longitudinal-iterations", "1", "--group-iterations", "1", "--device", "cpu"]
+        "--group-iterations", "1", "--device", "cpu"]
 LOCAL = ["--nprocs", "1", *FAST]
 
 

@@ -243,8 +243,6 @@ APP_CASES = [
     case(APP, "--io-iters negative", {"--io-iters": "-5"}, "--io-iters: must be 0 or more, got -5"),
     case(APP, "--nprocs 0", {"--nprocs": "0"}, "--nprocs: must be 1 or more, got 0"),
     case(APP, "--omp-nthreads 0", {"--omp-nthreads": "0"}, "--omp-nthreads: must be 1 or more, got 0"),
-    case(APP, "--longitudinal-iterations 0", {"--longitudinal-iterations": "0"},
-         "--longitudinal-iterations: must be 1 or more, got 0"),
     case(APP, "--refine-iters negative", {"--refine-iters": "-1"}, "--refine-iters: must be 0 or more, got -1"),
     case(APP, "--group-iterations negative", {"--group-iterations": "-1"},
          "--group-iterations: must be 1 or more, got -1"),

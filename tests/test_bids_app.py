@@ -176,11 +176,15 @@ def test_single_session_registered_to_a_given_template(demo_study, tmp_path):
 @pytest.mark.smoke
 def test_demo_participant_level_with_the_shipped_model(tmp_path):
     """The README's main job, small: the demo's participant level with the default model (the shipped
-    network, then instance optimisation), jobs in two processes."""
+    network, then instance optimisation, registering the within-subject template to a given group
+    template: the demo's own template brain), jobs in two processes."""
     raw = write_demo_dataset(tmp_path / "raw", participants=1, sessions=2, resolution_mm=6.0)
     out = tmp_path / "out"
+    group = raw / "sourcedata" / "truth" / "tpl-MNI152NLin2009aSym_desc-brain_T1w.nii.gz"
     assert main([str(raw), str(out), "participant", "-w", str(tmp_path / "work"), "--io-iters", "5",
-                 "--longitudinal-iterations", "1", "--nprocs", "2", "--skip-bids-validation", "--device", "cpu"]) == 0
+                 "--refine-iters", "20", "--template", str(group), "--nprocs", "2", "--skip-bids-validation",
+                 "--device", "cpu"]) == 0
+    assert list((out / "sub-01" / "anat").glob("sub-01_from-T1w_to-*_mode-image_xfm.nii.gz"))
     for session in ("1", "2"):
         anat = out / "sub-01" / f"ses-{session}" / "anat"
         assert load_image(anat / f"sub-01_ses-{session}_space-T1w_desc-log_jacobian.nii.gz").grid == \

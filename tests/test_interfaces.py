@@ -19,7 +19,7 @@ from nipype.pipeline import engine as pe
 from rwcflow import templates, transforms
 from rwcflow.example import make_example_pair
 from rwcflow.interfaces import (ApplyTransform, AverageFields, AverageImages, ComposeTransforms, InvertTransform,
-                                JacobianMaps, Register, ShapeUpdate, SingleSession)
+                                JacobianMaps, Register, RigidMidspace, ShapeUpdate, SingleSession)
 from rwcflow.io import Grid, Image, load_image, save_image
 from rwcflow.optimize import InstanceOptimization
 from rwcflow.register import register
@@ -222,3 +222,31 @@ def test_single_session_is_its_own_template_with_an_identity_transform(tmp_path)
     assert xfm_grid == grid and not disp.any()
     for copy in (out.template, out.warped):
         np.testing.assert_array_equal(load_image(copy).data, load_image(session).data)
+
+
+def test_rigid_midspace_puts_the_template_half_way_between_two_shifted_sessions(pair_files, tmp_path):
+    """Session 2 is session 1 moved by ``t`` through its header: the template grid is session 1's moved by
+    ``t / 2`` and the template→session maps are ``-t / 2`` and ``+t / 2`` (their difference ``t``)."""
+    shift = np.array([3.0, -2.0, 1.5])
+    brain = load_image(pair_files["fixed"])
+    moved = brain.affine.copy()
+    moved[:3, 3] += shift
+    sessions = [save_image(brain, tmp_path / "ses-1_T1w.nii.gz"),
+                save_image(Image(brain.data, moved), tmp_path / "ses-2_T1w.nii.gz")]
+    out = _run(RigidMidspace(sessions=sessions, device="cpu"), tmp_path, "midspace")
+    assert [Path(path).name for path in out.xfms] == ["ses-1_T1w_xfm.nii.gz", "ses-2_T1w_xfm.nii.gz"]
+    (first, grid), (second, second_grid) = (transforms.read_displacement_field(path) for path in out.xfms)
+    assert grid == second_grid and grid.shape == brain.grid.shape
+    # session 1's grid moved by t / 2 (a residual rotation of the rigid estimate below 0.1 degree)
+    centre = (np.array(grid.shape) - 1) / 2
+    np.testing.assert_allclose(grid.affine[:3, :3], brain.affine[:3, :3], atol=0.01)
+    np.testing.assert_allclose(grid.voxel_to_world(centre), brain.grid.voxel_to_world(centre) + shift / 2, atol=0.1)
+    inside = brain.data > 0.1 * brain.data.max()  # mm, on 6 mm voxels
+    assert np.abs(second - first - shift)[inside].max() < 0.25
+    assert np.abs(first + shift / 2)[inside].max() < 0.15
+
+    # without alignment the sessions are taken as aligned in world space: identity maps on session 1's grid
+    out = _run(RigidMidspace(sessions=sessions, align=False, device="cpu"), tmp_path, "world")
+    for path in out.xfms:
+        disp, world_grid = transforms.read_displacement_field(path)
+        assert world_grid == brain.grid and not disp.any()

@@ -42,7 +42,7 @@ def test_the_app_runs_without_network(tmp_path):
     raw = write_demo_dataset(tmp_path / "raw", participants=1, sessions=2, resolution_mm=8.0)
     run, attempts = _offline(tmp_path, [sys.executable, "-m", "rwcflow.bids_app.cli", str(raw), str(tmp_path / "out"),
                                         "participant", "-w", str(tmp_path / "work"), "--model", "none",
-                                        "--io-iters", "3", "--refine-iters", "20", "--longitudinal-iterations", "1", "--nprocs", "1",
+                                        "--io-iters", "3", "--refine-iters", "20", "--nprocs", "1",
                                         "--skip-bids-validation"])
     assert run.returncode == 0, run.stderr[-3000:]
     assert attempts == ""

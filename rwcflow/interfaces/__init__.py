@@ -9,10 +9,11 @@ as any Nipype interface, ``pe.Node(Register(model="none"), name="register")``, o
 
 from .maps import AverageFields, AverageImages, JacobianMaps
 from .registration import ApplyTransform, ComposeTransforms, InvertTransform, Register
-from .templates import GroupwiseRefine, ShapeUpdate, SingleSession
+from .templates import GroupwiseRefine, RigidMidspace, ShapeUpdate, SingleSession
 from .workflows import init_longitudinal_wf, init_pairwise_wf
 
 __all__ = [
     "ApplyTransform", "AverageFields", "AverageImages", "ComposeTransforms", "GroupwiseRefine", "InvertTransform",
-    "JacobianMaps", "Register", "ShapeUpdate", "SingleSession", "init_longitudinal_wf", "init_pairwise_wf",
+    "JacobianMaps", "Register", "RigidMidspace", "ShapeUpdate", "SingleSession", "init_longitudinal_wf",
+    "init_pairwise_wf",
 ]

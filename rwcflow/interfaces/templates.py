@@ -1,5 +1,5 @@
-"""Nipype interfaces for template construction: ANTs' shape update, the groupwise refinement of a
-participant's sessions and the single-session pass-through.
+"""Nipype interfaces for template construction: ANTs' shape update, the rigid midspace and the groupwise
+refinement of a participant's sessions, and the single-session pass-through.
 Thin wrappers over :mod:`rwcflow.steps`, writing into the node's working directory."""
 
 from __future__ import annotations
@@ -41,11 +41,39 @@ class ShapeUpdate(SimpleInterface):
         return runtime
 
 
+class _RigidMidspaceInputSpec(BaseInterfaceInputSpec):
+    sessions = InputMultiObject(File(exists=True), mandatory=True, desc="the participant's sessions")
+    align = traits.Bool(True, usedefault=True,
+                        desc="register the sessions rigidly (False: they are aligned in world space already)")
+    device = traits.Str("auto", usedefault=True, desc='"auto", "cpu" or "cuda"')
+
+
+class _RigidMidspaceOutputSpec(TraitedSpec):
+    xfms = OutputMultiObject(File(exists=True),
+                             desc="per session, its template→session map (ITK field on the template grid)")
+
+
+class RigidMidspace(SimpleInterface):
+    """The sessions' rigid midspace (:func:`rwcflow.midspace.rigid_midspace`): every session rigidly
+    registered to the first, the template grid the first session's moved half-way between them (the mean
+    motion), so that no session is privileged; per session its template→session map."""
+
+    input_spec = _RigidMidspaceInputSpec
+    output_spec = _RigidMidspaceOutputSpec
+
+    def _run_interface(self, runtime):
+        xfms = steps.rigid_midspace_files(self.inputs.sessions, runtime.cwd, align=self.inputs.align,
+                                          device=self.inputs.device)
+        self._results.update(xfms=[str(x) for x in xfms])
+        return runtime
+
+
 class _GroupwiseRefineInputSpec(BaseInterfaceInputSpec):
     sessions = InputMultiObject(File(exists=True), mandatory=True, desc="the participant's sessions")
     xfms = InputMultiObject(File(exists=True), mandatory=True,
                             desc="their template→session fields (ITK), in the same order, on the template's grid")
-    iterations = traits.Int(200, usedefault=True, desc="Adam steps")
+    iterations = traits.Int(GroupwiseRefinement.iterations, usedefault=True,
+                            desc="Adam steps (0: the fields unchanged, the template re-averaged)")
     regularization = traits.Float(GroupwiseRefinement.regularization, usedefault=True,
                                   desc="weight of the diffusion term")
     device = traits.Str("auto", usedefault=True, desc='"auto", "cpu" or "cuda"')

@@ -3,10 +3,11 @@ when the workflow is built, files flow in through ``inputnode`` and out of ``out
 ``IdentityInterface`` nodes), so the workflow plugs into a larger one like a node.
 
 They mirror the Pydra workflows :class:`rwcflow.workflows.pairwise.Pairwise` and
-:class:`rwcflow.workflows.longitudinal.Longitudinal` (the latter without a group template), with the same
-defaults and the same output names. With the ``MultiProc`` plugin jobs run in forked processes: run the
-workflow from a process that has not run multi-threaded torch code (or call ``torch.set_num_threads(1)``
-first), and for CUDA jobs pass ``plugin_args={"mp_context": "forkserver"}``.
+:class:`rwcflow.workflows.longitudinal.Longitudinal` (the latter without a group template, so without the
+options of its registration to one), with the same defaults and the same output names. With the
+``MultiProc`` plugin jobs run in forked processes: run the workflow from a process that has not run
+multi-threaded torch code (or call ``torch.set_num_threads(1)`` first), and for CUDA jobs pass
+``plugin_args={"mp_context": "forkserver"}``.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import logging
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from .maps import AverageFields, AverageImages, JacobianMaps
+from rwcflow.groupwise import GroupwiseRefinement
+
+from .maps import JacobianMaps
 from .registration import InvertTransform, Register
-from .templates import GroupwiseRefine, ShapeUpdate, SingleSession
+from .templates import GroupwiseRefine, RigidMidspace, SingleSession
 
 log = logging.getLogger("rwcflow")
 
@@ -27,12 +30,12 @@ PAIRWISE_OUTPUTS = ["warped", "xfm", "affine", "warped_labels", "metrics", "jaco
 LONGITUDINAL_OUTPUTS = ["template", "xfms", "inverse_xfms", "warped", "jacobians", "log_jacobians"]
 
 
-def _register(name: str, omp_nthreads: int | None, iterfield: list[str] | None = None, **options) -> pe.Node:
-    """A :class:`Register` node (a ``MapNode`` over ``iterfield``) with the options that are set; Nipype
-    schedules it on ``omp_nthreads`` processors (its ``num_threads``; ``None``: one, torch's threads untouched)."""
+def _register(name: str, omp_nthreads: int | None, **options) -> pe.Node:
+    """A :class:`Register` node with the options that are set; Nipype schedules it on ``omp_nthreads``
+    processors (its ``num_threads``; ``None``: one, torch's threads untouched)."""
     interface = Register(**{key: value for key, value in (*options.items(), ("num_threads", omp_nthreads))
                             if value is not None})
-    return pe.MapNode(interface, iterfield=iterfield, name=name) if iterfield else pe.Node(interface, name=name)
+    return pe.Node(interface, name=name)
 
 
 def init_pairwise_wf(*, model: str = "default", io_iters: int | None = None, affine: bool = True,
@@ -91,34 +94,27 @@ def init_pairwise_wf(*, model: str = "default", io_iters: int | None = None, aff
     return workflow
 
 
-def init_longitudinal_wf(num_sessions: int, *, iterations: int = 2, step: float = 0.5, model: str = "default",
-                         io_iters: int | None = None, io_grid_factor: int | None = 1, refine_iters: int = 200,
-                         affine: bool = True, device: str = "auto", omp_nthreads: int | None = None,
-                         name: str = "longitudinal_wf") -> pe.Workflow:
+def init_longitudinal_wf(num_sessions: int, *, refine_iters: int = GroupwiseRefinement.iterations,
+                         affine: bool = True, device: str = "auto", name: str = "longitudinal_wf") -> pe.Workflow:
     """All sessions of one participant -> an unbiased within-subject template, transforms and change maps.
 
-    As :class:`rwcflow.workflows.longitudinal.Longitudinal`: start from the average of the sessions
-    (affinely aligned to the first when ``affine``); ``iterations`` times register every session to the
-    template, average the warped sessions and the template→session fields and remove ``step`` times the
-    mean field from the average (:class:`ShapeUpdate`); register every session to the final template;
-    refine all sessions' fields jointly (:class:`GroupwiseRefine`). With one session the workflow is a
-    pass-through (its own template, identity transforms).
+    As :class:`rwcflow.workflows.longitudinal.Longitudinal`: align the sessions rigidly into the space
+    half-way between them (:class:`RigidMidspace`, no session privileged), then refine all sessions' maps
+    jointly (:class:`GroupwiseRefine`); the template is the mean of the refined sessions. No registration
+    network runs within a subject. With one session the workflow is a pass-through (its own template,
+    identity transforms).
 
     Parameters
     ----------
     num_sessions
         The number of sessions ``inputnode.sessions`` will hold (1: the pass-through).
-    iterations
-        Template updates, at least 1.
-    step
-        Fraction ``g`` (0 < g <= 1) of the mean template→session field removed at each update.
-    model, io_iters, affine, device, omp_nthreads
-        As for :func:`init_pairwise_wf`.
-    io_grid_factor
-        Template voxels per instance-optimisation control voxel (1: full resolution, which local
-        longitudinal changes need; ``None``: the pairwise default, 2).
     refine_iters
-        Adam steps of the joint refinement of the final fields (0: off).
+        Adam steps of the joint refinement of the sessions' maps (0: off, the maps stay rigid and show no
+        change; the template is still the mean of the sessions in the midspace).
+    affine
+        Align the sessions rigidly (without it they are taken as aligned in world space).
+    device
+        ``"auto"`` (CUDA when the job's machine has it), ``"cpu"`` or ``"cuda"``.
     name
         The workflow's name.
 
@@ -130,7 +126,7 @@ def init_longitudinal_wf(num_sessions: int, *, iterations: int = 2, step: float 
     Outputs (``outputnode``)
     ------------------------
     template
-        The within-subject template, on the first session's grid.
+        The within-subject template, on the first session's grid moved into the midspace.
     xfms
         Per session, the template→session mapping (ITK displacement field on the template grid: the
         session resampled through it lies on the template), named after the session.
@@ -145,12 +141,8 @@ def init_longitudinal_wf(num_sessions: int, *, iterations: int = 2, step: float 
     """
     if num_sessions < 1:
         raise ValueError(f"a longitudinal workflow needs at least one session, got {num_sessions}")
-    if iterations < 1:
-        raise ValueError(f"iterations must be at least 1, got {iterations}")
     if refine_iters < 0:
         raise ValueError(f"refine_iters must be >= 0, got {refine_iters}")
-    if not 0.0 < step <= 1.0:
-        raise ValueError(f"step must be in (0, 1], got {step}")
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["sessions"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=LONGITUDINAL_OUTPUTS), name="outputnode")
@@ -170,53 +162,18 @@ def init_longitudinal_wf(num_sessions: int, *, iterations: int = 2, step: float 
         ])
         return workflow
 
-    options = dict(model=model, io_iters=io_iters, io_grid_factor=io_grid_factor, affine=affine, device=device)
-    initial = pe.Node(AverageImages(), name="initial_average")
-    if affine:
-        to_first = _register("affine_to_first", omp_nthreads, ["moving"], model="none", io_iters=0, device=device)
-        workflow.connect([
-            (inputnode, to_first, [(("sessions", _first), "fixed"), ("sessions", "moving")]),
-            (to_first, initial, [("warped", "images")]),
-        ])
-    else:
-        workflow.connect(inputnode, "sessions", initial, "images")
-    template, update_log = (initial, "average"), None
-    for k in range(iterations):
-        register = _register(f"register_{k}", omp_nthreads, ["moving"], **options)
-        average = pe.Node(AverageImages(), name=f"average_{k}")
-        average_field = pe.Node(AverageFields(), name=f"average_field_{k}")
-        update = pe.Node(ShapeUpdate(gradient_step=step, repeats=1), name=f"shape_update_{k}")
-        workflow.connect([
-            (template[0], register, [(template[1], "fixed")]),
-            (inputnode, register, [("sessions", "moving")]),
-            (register, average, [("warped", "images")]),
-            (register, average_field, [("xfm", "xfms")]),
-            (average, update, [("average", "average")]),
-            (average_field, update, [("out", "average_xfm")]),
-        ])
-        if update_log is not None:
-            workflow.connect(*update_log, update, "log")
-        template, update_log = (update, "template"), (update, "log")
-    final = _register("register_final", omp_nthreads, ["moving"], **options)
-    workflow.connect([
-        (template[0], final, [(template[1], "fixed")]),
-        (inputnode, final, [("sessions", "moving")]),
-    ])
-    result = {"template": template, "xfms": (final, "xfm"), "warped": (final, "warped")}
-    if refine_iters > 0:
-        refine = pe.Node(GroupwiseRefine(iterations=refine_iters, device=device), name="refine")
-        workflow.connect([
-            (inputnode, refine, [("sessions", "sessions")]),
-            (final, refine, [("xfm", "xfms")]),
-        ])
-        result = {key: (refine, key) for key in result}
+    midspace = pe.Node(RigidMidspace(align=affine, device=device), name="midspace")
+    refine = pe.Node(GroupwiseRefine(iterations=refine_iters, device=device), name="refine")
     invert = pe.MapNode(InvertTransform(), iterfield=["xfm"], name="invert")
-    (xfms_node, xfms_field) = result["xfms"]
     workflow.connect([
-        (xfms_node, invert, [(xfms_field, "xfm")]),
-        (xfms_node, jacobians, [(xfms_field, "xfm")]),
+        (inputnode, midspace, [("sessions", "sessions")]),
+        (inputnode, refine, [("sessions", "sessions")]),
+        (midspace, refine, [("xfms", "xfms")]),
+        (refine, invert, [("xfms", "xfm")]),
+        (refine, jacobians, [("xfms", "xfm")]),
+        (refine, outputnode, [("template", "template"), ("xfms", "xfms"), ("warped", "warped")]),
         (invert, outputnode, [("out", "inverse_xfms")]),
-    ] + [(node, outputnode, [(field, key)]) for key, (node, field) in result.items()])
+    ])
     return workflow
 
 
