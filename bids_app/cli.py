@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     registration.add_argument("--io-iters", type=int, metavar="N",
                               help="instance-optimisation steps per level (0: off; default: rwcflow's)")
     registration.add_argument("--refine-iters", type=int, default=REFINE_ITERS, metavar="N",
-                              help=f"Adam steps of the joint refinement of each participant's session maps "
+                              help=f"L-BFGS iterations of the joint refinement of each participant's session maps "
                                    f"(0: off; default {REFINE_ITERS})")
     registration.add_argument("--group-iterations", type=int, default=3, metavar="K",
                               help="group template updates (default 3)")

@@ -18,7 +18,7 @@ from rwcflow.worker import ForkServerWorker
 from .spaces import TemplateChoice
 
 REFINE_ITERS = GroupwiseRefinement.iterations
-"""Adam steps of each participant's groupwise refinement, by default."""
+"""L-BFGS iterations of each participant's groupwise refinement, by default."""
 
 
 @dataclass

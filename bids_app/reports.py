@@ -222,7 +222,7 @@ def _steps(io_iters: int | None, default: int) -> str:
 def _within_subject(parameters: Mapping, cite: Cite) -> str:
     """The within-subject template: the rigid midspace, the joint refinement (or none) and the change maps."""
     refine = parameters["refine_iters"]
-    refinement = (f"Their transforms were then refined jointly ({_count(refine, 'Adam step')}): each session, "
+    refinement = (f"Their transforms were then refined jointly ({_count(refine, 'L-BFGS iteration')}): each session, "
                   f"resampled alike through its transform, was compared by local correlation with the mean of the "
                   f"others rather than with a template, with smooth corrections of zero mean, as in symmetric "
                   f"longitudinal registration ({cite('asymmetry')}); the template is the mean of the resampled "

@@ -22,8 +22,9 @@ interpolation, so they are sampled through the cubic B-spline kernel, whose blur
 sub-voxel position (``interpolation``). The template is then the mean of the ``w_i``. The corrections
 are small (the within-subject change, after the sessions' rigid midspace, :mod:`rwcflow.midspace`): they
 live on a control grid of ``control_spacing`` template voxels, smoothed there and interpolated
-trilinearly to the template grid, and are optimised without a pyramid (the defaults' validation:
-``benchmarks/results/example_cpu.md``).
+trilinearly to the template grid, and are optimised without a pyramid by L-BFGS with a strong-Wolfe line
+search, which converges the corrections' fine detail in tens of iterations where Adam's equal steps per
+parameter need hundreds (the defaults' validation: ``benchmarks/results/example_cpu.md``).
 """
 
 from __future__ import annotations
@@ -47,12 +48,13 @@ Tensor = torch.Tensor
 class GroupwiseRefinement:
     """Options of :func:`refine_groupwise`.
 
-    * ``iterations``: Adam steps (0: the maps are returned unchanged, the template re-averaged).
-    * ``learning_rate``: Adam's initial step in control-grid units of template voxels (cosine-decayed to 0).
+    * ``iterations``: L-BFGS iterations at most (each evaluates the loss once or more in its line
+      search; 0: the maps are returned unchanged, the template re-averaged).
+    * ``history``: L-BFGS's memory (the last updates it keeps).
     * ``regularization``: weight of the diffusion term of each correction (in template voxels).
     * ``control_spacing``: template voxels between the corrections' control points (1: every voxel).
-    * ``smoothing``: passes of a 3-point box filter over the control grid at every step (3 at a spacing of
-      2: about a Gaussian of 2.8 template voxels). The corrections are kept smooth by this
+    * ``smoothing``: passes of a 3-point box filter over the control grid (4 at a spacing of 2: about a
+      Gaussian of 3.3 template voxels). The corrections are kept smooth by this
       parameterisation rather than by the diffusion term, as ANTs' SyN smooths its updates: a diffusion
       weight large enough to smooth them also shrinks the change they measure.
     * ``window``: side in voxels of the cubic windows of the local correlation (odd).
@@ -61,11 +63,11 @@ class GroupwiseRefinement:
       sub-voxel position). The outputs are resampled trilinearly either way.
     """
 
-    iterations: int = 100
-    learning_rate: float = 0.1
+    iterations: int = 50
+    history: int = 20
     regularization: float = 1.0
     control_spacing: int = 2
-    smoothing: int = 3
+    smoothing: int = 4
     window: int = 7
     interpolation: str = "bspline"
 
@@ -74,8 +76,8 @@ class GroupwiseRefinement:
             raise ValueError("iterations and smoothing must be >= 0")
         if self.control_spacing < 1:
             raise ValueError(f"control_spacing must be a positive number of voxels, got {self.control_spacing}")
-        if self.learning_rate <= 0 or self.regularization < 0:
-            raise ValueError("learning_rate must be > 0 and regularization >= 0")
+        if self.history < 1 or self.regularization < 0:
+            raise ValueError("history must be >= 1 and regularization >= 0")
         if self.window < 1 or self.window % 2 == 0:
             raise ValueError(f"window must be a positive odd number of voxels, got {self.window}")
         if self.interpolation not in INTERPOLATIONS:
@@ -149,7 +151,8 @@ def refine_groupwise(
     template ``grid`` (``q = p + d(p)``, as :func:`rwcflow.transforms.read_displacement_field` returns
     an ITK field). Returns the refined displacements (same convention), the sessions resampled onto
     ``grid`` through them (trilinear, 0 outside) and the template, their voxel-wise mean.
-    ``progress(done, total, loss)`` is called after every step.
+    ``progress(done, total, loss)`` is called after every evaluation of the loss (``total``: the most
+    evaluations the iterations may take).
     """
     options = options or GroupwiseRefinement()
     if len(sessions) < 2 or len(sessions) != len(displacements):
@@ -181,22 +184,32 @@ def refine_groupwise(
     sample = spatial.bspline_sample if bspline else spatial.sample
     parameter = torch.zeros((len(sessions), 3, *control_shape), device=device, requires_grad=True)
     voxels = float(np.prod(grid.shape))
-    optimizer = torch.optim.Adam([parameter], lr=options.learning_rate)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(options.iterations, 1))
-    for done in range(1, options.iterations + 1):
+    # the optimiser's defaults but no tolerances: it stops after the iterations asked for, or on a
+    # line search that finds no decrease
+    evaluations = options.iterations * 5 // 4
+    optimizer = torch.optim.LBFGS([parameter], lr=1.0, max_iter=options.iterations, max_eval=evaluations,
+                                  history_size=options.history, tolerance_grad=0.0, tolerance_change=0.0,
+                                  line_search_fn="strong_wolfe")
+    done = 0
+
+    def loss_and_gradient() -> Tensor:
+        nonlocal done
         correction = corrections(parameter)
         warped = torch.cat([sample(v, composed(i, correction)) for i, v in enumerate(values)])
         others = (warped.sum(0, keepdim=True) - warped) / (len(values) - 1)
         loss = ncc_loss(others, warped, options.window, compared, squared=True)
-        # Summed over the voxels rather than averaged: a mean's per-voxel gradients (~1e-10 on a brain
-        # grid) fall below Adam's epsilon, which would then damp the steps, more so on larger grids.
+        # summed over the voxels rather than averaged, so that the loss and its gradient stay well above
+        # floating-point rounding on large grids
         loss = voxels * (loss + options.regularization * diffusion_loss(correction))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        schedule.step()
+        done += 1
         if progress is not None:
-            progress(done, options.iterations, float(loss.detach()))
+            progress(done, evaluations, float(loss.detach()))
+        return loss
+
+    if options.iterations > 0:
+        optimizer.step(loss_and_gradient)
 
     with torch.no_grad():
         correction = corrections(parameter)

@@ -192,7 +192,7 @@ def _groupwise_refine_job(sessions: list[File], xfms: list[File], iterations: in
     ``sessions`` jointly, every session resampled alike and compared with the others
     (:func:`rwcflow.groupwise.refine_groupwise`), so that sub-voxel changes are not biased towards the
     template: the ``template`` (mean of the resampled sessions), refined ``xfms`` and ``warped`` sessions,
-    each named after its session. ``iterations`` Adam steps, ``regularization`` the diffusion weight."""
+    each named after its session. ``iterations`` L-BFGS iterations, ``regularization`` the diffusion weight."""
     template, refined, warped = steps.groupwise_refine_files(sessions, xfms, Path.cwd(), iterations=iterations,
                                                             regularization=regularization, device=device)
     return template, refined, warped

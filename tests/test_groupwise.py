@@ -99,7 +99,7 @@ def test_no_iterations_keeps_the_maps_and_averages_the_resampled_sessions(shrunk
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(iterations=-1), "iterations"), (dict(learning_rate=0), "learning_rate"), (dict(regularization=-1), "regular"),
+    (dict(iterations=-1), "iterations"), (dict(history=0), "history"), (dict(regularization=-1), "regular"),
     (dict(window=4), "window"), (dict(interpolation="cubic"), "interpolation"),
 ])
 def test_invalid_options_are_refused(options, message):

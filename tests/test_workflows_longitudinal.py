@@ -90,9 +90,9 @@ def test_local_volume_loss_is_recovered_by_an_unbiased_template(sessions, submit
 
     def mismatch(outputs) -> float:
         first, second = (load_image(path).data for path in outputs.warped)
-        return float(np.abs(first - second)[brain_mask].mean())
+        return float(np.abs(first - second)[blob].mean())
 
-    assert mismatch(out) < 0.9 * mismatch(unrefined)
+    assert mismatch(out) < 0.7 * mismatch(unrefined)
 
 
 def test_sessions_are_carried_into_a_group_template(sessions, tmp_path, submit):

@@ -36,7 +36,7 @@ def Longitudinal(sessions: list[File], refine_iters: int = GroupwiseRefinement.i
 
     Args:
         sessions: the participant's T1w images (any grids; same participant, roughly aligned in world space).
-        refine_iters: Adam steps of the joint refinement of the sessions' maps
+        refine_iters: L-BFGS iterations of the joint refinement of the sessions' maps
             (:func:`rwcflow.groupwise.refine_groupwise`; 0: off, the maps stay rigid and show no change).
         affine: align the sessions rigidly (without it they are taken as aligned in world space), and
             estimate an affine pre-alignment of the template to ``group_template``.

@@ -73,7 +73,7 @@ class _GroupwiseRefineInputSpec(BaseInterfaceInputSpec):
     xfms = InputMultiObject(File(exists=True), mandatory=True,
                             desc="their template→session fields (ITK), in the same order, on the template's grid")
     iterations = traits.Int(GroupwiseRefinement.iterations, usedefault=True,
-                            desc="Adam steps (0: the fields unchanged, the template re-averaged)")
+                            desc="L-BFGS iterations (0: the fields unchanged, the template re-averaged)")
     regularization = traits.Float(GroupwiseRefinement.regularization, usedefault=True,
                                   desc="weight of the diffusion term")
     device = traits.Str("auto", usedefault=True, desc='"auto", "cpu" or "cuda"')

@@ -109,7 +109,7 @@ def init_longitudinal_wf(num_sessions: int, *, refine_iters: int = GroupwiseRefi
     num_sessions
         The number of sessions ``inputnode.sessions`` will hold (1: the pass-through).
     refine_iters
-        Adam steps of the joint refinement of the sessions' maps (0: off, the maps stay rigid and show no
+        L-BFGS iterations of the joint refinement of the sessions' maps (0: off, the maps stay rigid and show no
         change; the template is still the mean of the sessions in the midspace).
     affine
         Align the sessions rigidly (without it they are taken as aligned in world space).
