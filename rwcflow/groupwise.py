@@ -21,7 +21,7 @@ alike, two sessions whose maps differ by a fraction of a voxel are blurred diffe
 interpolation, so they are sampled through the cubic B-spline kernel, whose blur is the same at every
 sub-voxel position (``interpolation``). The template is then the mean of the ``w_i``. The corrections
 are small (the within-subject change, after the sessions' rigid midspace, :mod:`rwcflow.midspace`): they
-live on a control grid of ``control_spacing`` template voxels, smoothed there and interpolated
+live on a control grid of ``control_spacing_mm``, smoothed there and interpolated
 trilinearly to the template grid, and are optimised without a pyramid by L-BFGS with a strong-Wolfe line
 search, which converges the corrections' fine detail in tens of iterations where Adam's equal steps per
 parameter need hundreds (the defaults' validation: ``benchmarks/results/example_cpu.md``).
@@ -52,11 +52,13 @@ class GroupwiseRefinement:
       search; 0: the maps are returned unchanged, the template re-averaged).
     * ``history``: L-BFGS's memory (the last updates it keeps).
     * ``regularization``: weight of the diffusion term of each correction (in template voxels).
-    * ``control_spacing``: template voxels between the corrections' control points (1: every voxel).
-    * ``smoothing``: passes of a 3-point box filter over the control grid (4 at a spacing of 2: about a
-      Gaussian of 3.3 template voxels). The corrections are kept smooth by this
-      parameterisation rather than by the diffusion term, as ANTs' SyN smooths its updates: a diffusion
-      weight large enough to smooth them also shrinks the change they measure.
+    * ``control_spacing_mm``: distance between the corrections' control points, in mm (rounded to whole
+      template voxels, at least one).
+    * ``smoothing_mm``: standard deviation, in mm, of the Gaussian the corrections are smoothed with on
+      the control grid (as passes of a 3-point box filter, each of variance 2/3 control spacing²). Both
+      are physical so that a 1 mm and a 3 mm image of one brain get the same corrections. The corrections
+      are kept smooth by this parameterisation rather than by the diffusion term, as ANTs' SyN smooths
+      its updates: a diffusion weight large enough to smooth them also shrinks the change they measure.
     * ``window``: side in voxels of the cubic windows of the local correlation (odd).
     * ``interpolation``: how the sessions are sampled while they are compared, ``"linear"`` (trilinear)
       or ``"bspline"`` (:func:`rwcflow.spatial.bspline_sample`, a blur that does not depend on the
@@ -66,22 +68,28 @@ class GroupwiseRefinement:
     iterations: int = 50
     history: int = 20
     regularization: float = 1.0
-    control_spacing: int = 2
-    smoothing: int = 4
+    control_spacing_mm: float = 6.0
+    smoothing_mm: float = 10.0
     window: int = 7
     interpolation: str = "bspline"
 
     def __post_init__(self) -> None:
-        if self.iterations < 0 or self.smoothing < 0:
-            raise ValueError("iterations and smoothing must be >= 0")
-        if self.control_spacing < 1:
-            raise ValueError(f"control_spacing must be a positive number of voxels, got {self.control_spacing}")
+        if self.iterations < 0 or self.smoothing_mm < 0:
+            raise ValueError("iterations and smoothing_mm must be >= 0")
+        if self.control_spacing_mm <= 0:
+            raise ValueError(f"control_spacing_mm must be positive, got {self.control_spacing_mm}")
         if self.history < 1 or self.regularization < 0:
             raise ValueError("history must be >= 1 and regularization >= 0")
         if self.window < 1 or self.window % 2 == 0:
             raise ValueError(f"window must be a positive odd number of voxels, got {self.window}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+
+    def control_grid(self, grid: Grid) -> tuple[int, int]:
+        """On ``grid``: template voxels between control points, and box-filter passes over the control grid."""
+        voxel = float(np.mean(grid.spacing))
+        spacing = max(1, round(self.control_spacing_mm / voxel))
+        return spacing, round(1.5 * (self.smoothing_mm / (spacing * voxel)) ** 2)
 
 
 class _SessionMap:
@@ -167,11 +175,11 @@ def refine_groupwise(
     bspline = options.interpolation == "bspline"
     compared = _compared_voxels(tissue, sessions, initial, options.window, reach=1 if bspline else 0)
 
-    spacing = options.control_spacing
+    spacing, passes = options.control_grid(grid)
     control_shape = [-(-(n - 1) // spacing) + 1 for n in grid.shape]  # the last control point at or past the edge
 
     def corrections(parameter: Tensor) -> Tensor:
-        smoothed = spatial.box_smooth(parameter, options.smoothing)
+        smoothed = spatial.box_smooth(parameter, passes)
         if spacing > 1:
             fine = [(n - 1) * spacing + 1 for n in control_shape]
             smoothed = F.interpolate(smoothed, size=fine, mode="trilinear", align_corners=True)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from rwcflow import transforms
+from rwcflow.bids_app.cli import main as app_main
 from rwcflow.bids_app.demo import write_demo_dataset
 from rwcflow.bids_app.demo_check import check_demo, main
 from rwcflow.io import load_image, save_image
@@ -70,3 +71,18 @@ def test_missing_derivatives_are_bad_input(raw, tmp_path, capsys):
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("rwcflow-demo-check: error: ") and "desc-template_T1w.nii.gz: file not found" in line
     assert not (tmp_path / "nothing").exists()
+
+
+def test_the_apps_default_path_recovers_the_demos_change(tmp_path):
+    """The README's main job, small: rwcflow's participant level with its default options on a 4 mm demo
+    (two participants, grids under 48³), then rwcflow-demo-check. At 4 mm the sphere's core is two voxels
+    across its radius, so the tolerance is wider than the 3 mm demo's ±0.5 pp; the change must have the
+    truth's sign and size, and the far field stay flat."""
+    raw = write_demo_dataset(tmp_path / "raw", participants=2, sessions=2, resolution_mm=4.0)
+    out = tmp_path / "out"
+    assert app_main([str(raw), str(out), "participant", "-w", str(tmp_path / "work")]) == 0
+    rows = check_demo(raw, out, tolerance_pp=1.0, far_limit=0.005)
+    assert [row.participant for row in rows] == ["sub-01", "sub-02"]
+    for row in rows:
+        assert row.recovered_change_percent < 0, row
+        assert row.passed, row

@@ -111,3 +111,12 @@ def test_one_session_is_refused(shrunk_pair):
     grid, first, _, _ = shrunk_pair
     with pytest.raises(ValueError, match="two or more sessions"):
         refine_groupwise([first], [np.zeros((*SHAPE, 3))], grid)
+
+
+@pytest.mark.parametrize("voxel_mm, expected", [(1.0, (6, 4)), (2.0, (3, 4)), (3.0, (2, 4)), (4.0, (2, 2)),
+                                                (8.0, (1, 2))])
+def test_the_control_grid_is_physical(voxel_mm, expected):
+    """6 mm between control points and a Gaussian of 10 mm whatever the voxel size: spacing round(6 / voxel),
+    box passes round(1.5 (10 / (spacing voxel))²) (a 3-point box has variance 2/3 of its spacing²)."""
+    grid = Grid((8, 8, 8), np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0]))
+    assert GroupwiseRefinement().control_grid(grid) == expected
