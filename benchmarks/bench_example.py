@@ -4,8 +4,8 @@ Run from the repository root: ``python -m benchmarks.bench_example [--folder DIR
 It runs ``make run-example`` (the demo dataset, the App's participant and group levels with their
 default options, then ``rwcflow-demo-check``) into a new folder, unless ``--from-run`` names a folder
 where that ran, and reads what the run wrote: per level its wall time (from the App's log file), the
-registrations and groupwise refinements it ran (count, and the job time each took: jobs run two at a
-time on two CPUs, so job times add up to more than the wall time), and the demo check's rows. Prints a
+registrations, rigid midspaces and groupwise refinements it ran (count, and the job time each took: jobs
+run two at a time on two CPUs, so job times add up to more than the wall time), and the demo check's rows. Prints a
 Markdown table and writes ``benchmarks/results/example_<device>.{json,md}``.
 
 The targets it is measured against: both levels within 5 minutes on the 2-core machine, every
@@ -31,6 +31,7 @@ from rwcflow.bids_app.demo_check import ChangeRow, table as check_table
 LEVELS = ("participant", "group")
 TARGET_S = 300.0
 STEPS = {"registration": re.compile(r"registered in ([\d.]+) s$"),
+         "rigid midspace": re.compile(r"rigid midspace of \d+ sessions: done in ([\d.]+) s$"),
          "groupwise refinement": re.compile(r"groupwise refinement of \d+ sessions: done in ([\d.]+) s$")}
 
 
@@ -72,12 +73,12 @@ def measure(folder: Path) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = ["| level | wall time | registrations (jobs, job time) | groupwise refinements (jobs, job time) |",
-             "|---|---|---|---|"]
+    lines = ["| level | wall time | " + " | ".join(f"{name}s (jobs, job time)" for name in STEPS) + " |",
+             "|---|---|" + "---|" * len(STEPS)]
     for level, times in result["levels"].items():
-        registration, refinement = times["steps"]["registration"], times["steps"]["groupwise refinement"]
-        lines.append(f"| {level} | {times['wall_s']:.0f} s | {registration['count']}, {registration['job_s']:.0f} s "
-                     f"| {refinement['count']}, {refinement['job_s']:.0f} s |")
+        steps = [times["steps"][name] for name in STEPS]
+        lines.append(f"| {level} | {times['wall_s']:.0f} s | "
+                     + " | ".join(f"{step['count']}, {step['job_s']:.0f} s" for step in steps) + " |")
     verdict = "within" if result["both_levels_s"] <= TARGET_S else "over"
     names = [field.name for field in fields(ChangeRow)]  # the JSON rows also hold error_pp and passed
     rows = [ChangeRow(**{name: row[name] for name in names}) for row in result["check"]["rows"]]

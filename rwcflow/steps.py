@@ -183,9 +183,10 @@ def rigid_midspace_files(sessions: Sequence[PathLike], out_dir: PathLike, *, ali
                          device: str = "auto") -> list[Path]:
     """The sessions' rigid midspace (:func:`rwcflow.midspace.rigid_midspace`): per session the
     template→session map ``<session>_xfm.nii.gz``, an ITK displacement field on the template grid."""
+    name, start = f"rigid midspace of {len(sessions)} sessions", time.perf_counter()
     images = [load_image(session) for session in sessions]
-    grid, matrices = run_on_device(lambda chosen: rigid_midspace(images, align=align, device=chosen), device,
-                                   f"rigid midspace of {len(sessions)} sessions")
+    grid, matrices = run_on_device(lambda chosen: rigid_midspace(images, align=align, device=chosen), device, name)
+    log.info("%s: done in %.1f s", name, time.perf_counter() - start)
     zero = np.zeros((1, 3, *grid.shape))
     return [transforms.write_displacement_field(Path(out_dir) / output_name(session, "xfm"),
                                                 transforms.compose_world_displacement(grid, matrix, zero), grid)
