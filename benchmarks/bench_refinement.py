@@ -5,10 +5,10 @@ Run from the repository root, best after ``benchmarks.bench_workflows --parts lo
 from the Pydra cache (otherwise they are computed first)::
 
     python -m benchmarks.bench_refinement --simulation acquired \\
-        --settings '{"interpolation": "linear", "smoothing": 6}' '{}'
+        --settings '{"interpolation": "linear"}' '{"smoothing_mm": 8}' '{}'
 
 Each setting is keyword arguments of :class:`rwcflow.groupwise.GroupwiseRefinement` over its defaults;
-each refines the same final registrations (:func:`rwcflow.groupwise.refine_groupwise`) and is measured as
+each refines the same rigid midspace (:func:`rwcflow.groupwise.refine_groupwise`) and is measured as
 in ``bench_workflows`` (the sphere's change against the truth, the far field, and 4 mm shells).
 ``--crop MM`` refines only the box of ±MM around the sphere's centre (a 1 mm grid in minutes rather than
 hours; its far field is then the part of the box beyond 3 radii). Prints a Markdown table and writes
@@ -39,10 +39,10 @@ from rwcflow.workflows.longitudinal import Longitudinal
 
 
 def final_registrations(folder: Path, submitter: Submitter, sessions: list[Image]) -> list[np.ndarray]:
-    """The template→session displacements (RAS mm) of the longitudinal workflow without refinement, on the
-    template grid (that of session 1); the same inputs as ``bench_workflows``, so its cache answers."""
+    """The template→session displacements (RAS mm) of the longitudinal workflow without refinement (the rigid
+    midspace), on the template grid; the same inputs as ``bench_workflows``, so its cache answers."""
     paths = [save_image(image, folder / f"ses-{n}_T1w.nii.gz") for n, image in enumerate(sessions, start=1)]
-    out = submitter(Longitudinal(sessions=paths, model="none", affine=True, device="cpu", refine_iters=0),
+    out = submitter(Longitudinal(sessions=paths, affine=True, device="cpu", refine_iters=0),
                     raise_errors=True).outputs
     return [transforms.read_displacement_field(xfm)[0] for xfm in out.xfms]
 
@@ -72,7 +72,7 @@ def run_setting(sessions: list[Image], displacements: list[np.ndarray], grid: Gr
 
 def table(record: dict) -> str:
     crop = f", refined on ±{record['crop_mm']} mm around the sphere" if record["crop_mm"] else ""
-    lines = ["### Longitudinal: groupwise refinement settings on the same final registrations", "",
+    lines = ["### Longitudinal: groupwise refinement settings on the same rigid midspace", "",
              f"{record['resolution_mm']} mm{crop}; session 2 {SIMULATIONS[record['simulation']]}; "
              f"true change {record['true_change_percent']:.2f} %; settings over the defaults "
              f"({', '.join(f'{k} {v}' for k, v in record['defaults'].items())}); one torch thread.", "",

@@ -8,7 +8,7 @@ Prints a Markdown table per workflow and writes ``benchmarks/results/workflows_<
   uniform scaling inside the sphere and fades to the identity outside). The within-subject template's
   log-Jacobian change maps must recover the loss over the sphere (target: within ±0.5 percentage
   points) and show ~0 far from it. Reported with the workflow's groupwise refinement (``--refine-iters``)
-  and without it (the final registrations to the template), which shares the first run's registrations.
+  and without it (the sessions' rigid midspace alone, whose maps show no change).
 * Atlas: ``--subjects`` subjects made from the MNI152 brain by smooth brain→subject maps of zero mean
   (up to ``--deformation`` mm), so the brain is their unbiased mean shape. The template must be closer
   to the brain than the plain average of the inputs: by correlation, per iteration, and by the
@@ -86,17 +86,17 @@ def change_measures(change: np.ndarray, grid: Grid, brain: np.ndarray, radius: f
 
 
 def run_longitudinal(folder: Path, submitter: Submitter, resolution: float, loss: float, radius: float,
-                     io_iters: int | None, io_options: dict, refine_iters: int, simulation: str) -> dict:
+                     refine_iters: int, simulation: str) -> dict:
     """The validation with the workflow's groupwise refinement (``refine_iters`` steps) and, when that is on,
-    without it (the final registrations to the template as outputs; they come from the first run's cache);
+    without it (the rigid midspace alone, from the first run's cache);
     session 2 made by ``simulation`` (:func:`resampled_sessions` or :func:`acquired_sessions`)."""
     brain, shrunk = (acquired_sessions if simulation == "acquired" else resampled_sessions)(resolution, loss, radius)
     sessions = [save_image(brain, folder / "ses-1_T1w.nii.gz"), save_image(shrunk, folder / "ses-2_T1w.nii.gz")]
     rows = []
     for refine in dict.fromkeys([refine_iters, 0]):
         start = time.perf_counter()
-        out = submitter(Longitudinal(sessions=sessions, model="none", io_iters=io_iters, affine=True, device="cpu",
-                                     refine_iters=refine, **io_options), raise_errors=True).outputs
+        out = submitter(Longitudinal(sessions=sessions, affine=True, device="cpu", refine_iters=refine),
+                        raise_errors=True).outputs
         seconds = time.perf_counter() - start
         change = load_image(out.log_jacobians[1]).data - load_image(out.log_jacobians[0]).data
         measures = change_measures(change, brain.grid, brain.data > 0, radius)
@@ -171,19 +171,17 @@ SIMULATIONS = {"resampled": "resampled (trilinear) through the shrinking field",
 def tables(longitudinal: dict | None, atlas: dict | None) -> str:
     lines = []
     if longitudinal is not None:
-        options = ", ".join(f"{k.removeprefix('io_')} {v}" for k, v in longitudinal.get("io_options", {}).items())
         shape = "×".join(map(str, longitudinal["shape"]))
         refinement = ", ".join(f"{k} {v}" for k, v in longitudinal["refinement"].items())
         lines += ["### Longitudinal: simulated local volume loss (left hippocampus sphere)", "",
-                  f"Within-subject instance optimisation: {options or 'the defaults'}; "
-                  f"{longitudinal['resolution_mm']} mm, {shape}; session 2 {SIMULATIONS[longitudinal['simulation']]}.",
+                  f"Rigid midspace, then the groupwise refinement; {longitudinal['resolution_mm']} mm, {shape}; session 2 {SIMULATIONS[longitudinal['simulation']]}.",
                   "", f"Groupwise refinement: {refinement}.", "",
                   "| outputs | true change | measured change | error | far-field mean abs log-J change "
                   "| wall time |", "|---|---|---|---|---|---|"]
         for row in longitudinal["rows"]:
-            outputs = (f"groupwise refinement ({row['refine_iters']} steps)" if row["refine_iters"]
-                       else "final registrations to the template (no refinement)")
-            wall = f"{row['wall_s']:.0f} s" if row["wall_s"] is not None else "registrations shared with the row above"
+            outputs = (f"groupwise refinement ({row['refine_iters']} iterations)" if row["refine_iters"]
+                       else "rigid midspace alone (no refinement)")
+            wall = f"{row['wall_s']:.0f} s" if row["wall_s"] is not None else "midspace shared with the row above"
             lines.append(f"| {outputs} | {longitudinal['true_change_percent']:.2f} % "
                          f"| {row['measured_change_percent']:.2f} % | {row['error_pp']:+.2f} pp "
                          f"| {row['far_mean_abs_log_change']:.4f} | {wall} |")
@@ -221,11 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--sharpen", type=float, default=0.0)
     parser.add_argument("--io-iters", type=int, default=None)
-    parser.add_argument("--long-similarity", choices=["mind", "ncc", "mse"], help="longitudinal: IO similarity")
-    parser.add_argument("--long-regularization", type=float, help="longitudinal: IO regularisation weight")
-    parser.add_argument("--long-interpolation", choices=["linear", "bspline"], help="longitudinal: IO sampling")
-    parser.add_argument("--refine-iters", type=int, default=200,
-                        help="longitudinal: groupwise refinement steps (the workflow's default; 0: off)")
+    parser.add_argument("--refine-iters", type=int, default=GroupwiseRefinement.iterations,
+                        help="longitudinal: groupwise refinement iterations (the workflow's default; 0: off)")
     parser.add_argument("--parts", nargs="+", choices=["longitudinal", "atlas"], default=["longitudinal", "atlas"])
     parser.add_argument("--jobs", type=int, default=2, help="parallel Pydra jobs (one torch thread each)")
     parser.add_argument("--work-dir", type=Path, default=Path("bench_work/workflows"))
@@ -234,17 +229,12 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in ("longitudinal", "atlas"):
         (args.work_dir / name).mkdir(parents=True, exist_ok=True)
-    io_options = {key: value for key, value in (("io_similarity", args.long_similarity),
-                  ("io_regularization", args.long_regularization), ("io_interpolation", args.long_interpolation))
-                  if value is not None}
     longitudinal = atlas = None
     worker = ForkServerWorker(n_procs=args.jobs, threads=1)  # --jobs jobs at once, one thread each
     with Submitter(worker=worker, cache_root=args.work_dir / "cache") as submitter:
         if "longitudinal" in args.parts:
             longitudinal = run_longitudinal(args.work_dir / "longitudinal", submitter, args.resolution,
-                                            args.loss / 100, args.radius, args.io_iters, io_options,
-                                            args.refine_iters, args.simulation)
-            longitudinal["io_options"] = io_options
+                                            args.loss / 100, args.radius, args.refine_iters, args.simulation)
         if "atlas" in args.parts:
             atlas = run_atlas(args.work_dir / "atlas", submitter, args.resolution, args.subjects, args.deformation,
                               args.iterations, args.io_iters, args.sharpen)
