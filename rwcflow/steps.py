@@ -43,6 +43,11 @@ def stem(image: PathLike) -> str:
     return name
 
 
+def _names(images: Sequence[PathLike]) -> str:
+    """The images' file names, for progress messages."""
+    return ", ".join(Path(image).name for image in images)
+
+
 def output_name(image: PathLike, suffix: str) -> str:
     """``name_suffix.nii.gz`` for an input ``name.nii[.gz]``/``name.mgz``."""
     return f"{stem(image)}_{suffix}.nii.gz"
@@ -183,7 +188,8 @@ def rigid_midspace_files(sessions: Sequence[PathLike], out_dir: PathLike, *, ali
                          device: str = "auto") -> list[Path]:
     """The sessions' rigid midspace (:func:`rwcflow.midspace.rigid_midspace`): per session the
     template→session map ``<session>_xfm.nii.gz``, an ITK displacement field on the template grid."""
-    name, start = f"rigid midspace of {len(sessions)} sessions", time.perf_counter()
+    name, start = f"rigid midspace of {_names(sessions)}", time.perf_counter()
+    log.info("%s: aligning", name)
     images = [load_image(session) for session in sessions]
     grid, matrices = run_on_device(lambda chosen: rigid_midspace(images, align=align, device=chosen), device, name)
     log.info("%s: done in %.1f s", name, time.perf_counter() - start)
@@ -206,7 +212,8 @@ def groupwise_refine_files(sessions: Sequence[PathLike], xfms: Sequence[PathLike
         if field_grid != grid:
             raise InputError(xfm, f"not on the grid of {Path(xfms[0]).name}: the fields must share the template's grid")
     displacements = [disp for disp, _ in fields]
-    name, start = f"groupwise refinement of {len(sessions)} sessions", time.perf_counter()
+    name, start = f"groupwise refinement of {_names(sessions)}", time.perf_counter()
+    log.info("%s: refining", name)
     images = [load_image(session) for session in sessions]
     refinement = GroupwiseRefinement(iterations=iterations, regularization=regularization)
     refined, warped, template = run_on_device(lambda chosen: refine_groupwise(

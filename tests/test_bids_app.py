@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from demo_study import LOCAL, digests
+from demo_study import LOCAL, digests, jobs_started
 
 import rwcflow
 from rwcflow import transforms
@@ -86,8 +86,9 @@ def test_dataset_description_logs_and_citation(demo_study):
     assert "Recurrence With Correlation Network for Medical Image Registration" not in citation
     logs = sorted((out / "logs").glob("rwcflow-*.log"))
     assert {path.name.split("-")[1] for path in logs} == {"participant", "group"}
-    # progress per participant and per registration
-    assert "[2/2] sub-02" in _log(out) and "sub-02_ses-1_T1w.nii.gz -> " in _log(out)
+    # progress per participant and per job, naming the sessions
+    assert "[2/2] sub-02" in _log(out)
+    assert "groupwise refinement of sub-02_ses-1_T1w.nii.gz, sub-02_ses-2_T1w.nii.gz: done in " in _log(out)
 
 
 class _Links(HTMLParser):
@@ -131,18 +132,20 @@ def test_an_unreadable_image_is_bad_input_refused_before_any_work(demo_study, tm
 def test_rerun_resumes_and_same_seed_gives_identical_outputs(demo_study, tmp_path):
     first = {name: digest for name, digest in digests(demo_study["out"]).items()
              if name.startswith("sub-01/") and name.endswith(".nii.gz") and "unbiased" not in name}
-    # the same work folder: every registration is served from Pydra's cache (none is logged as run;
-    # the jobs log into the run's log file)
+    # the same work folder: every job is served from Pydra's cache (none is logged as started; the jobs
+    # log into the run's log file)
     resumed = tmp_path / "resumed"
     assert main([str(demo_study["raw"]), str(resumed), "participant", "-w", str(demo_study["work"]),
                  "--participant-label", "01", *LOCAL]) == 0
-    assert "registering" not in _log(resumed)
+    assert jobs_started(_log(resumed)) == []
     assert {name: d for name, d in digests(resumed).items() if name.endswith(".nii.gz")} == first
     # a fresh work folder and the same seed: computed again, to the same bytes
     fresh = tmp_path / "fresh"
     assert main([str(demo_study["raw"]), str(fresh), "participant", "-w", str(tmp_path / "work"),
                  "--participant-label", "sub-01", "--random-seed", "0", *LOCAL]) == 0
-    assert "sub-01_ses-2_T1w.nii.gz -> " in _log(fresh)
+    assert [line.split(" INFO ")[-1] for line in jobs_started(_log(fresh))] == [
+        "rigid midspace of sub-01_ses-1_T1w.nii.gz, sub-01_ses-2_T1w.nii.gz: aligning",
+        "groupwise refinement of sub-01_ses-1_T1w.nii.gz, sub-01_ses-2_T1w.nii.gz: refining"]
     assert {name: d for name, d in digests(fresh).items() if name.endswith(".nii.gz")} == first
 
 

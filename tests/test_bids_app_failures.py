@@ -20,9 +20,11 @@ from demo_study import FAST
 
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONS = ["--nprocs", "2", *FAST, "--io-iters", "60"]  # registrations long enough to be killed mid-job
-KILLED = re.compile(r"task (affine_to_first|register_0)\[\d\] \(Register\) failed: BrokenProcessPool: A process in the "
-                    r"process pool was terminated abruptly")
+# registrations (group level) and refinements (participant level) long enough to be killed mid-job
+OPTIONS = ["--nprocs", "2", *FAST, "--io-iters", "60", "--refine-iters", "100"]
+BROKEN = r"failed: BrokenProcessPool: A process in the process pool was terminated abruptly"
+PARTICIPANT_KILLED = re.compile(r"task refine \(GroupwiseRefine\) " + BROKEN)
+GROUP_KILLED = re.compile(r"task (affine_to_first|register_0)\[\d\] \(Register\) " + BROKEN)
 
 
 @pytest.fixture
@@ -44,14 +46,15 @@ def _job_processes(pid: int) -> list[int]:
     return [child for child, parent in parents.items() if parent in servers]
 
 
-def _run_killing_a_job(command: list[str]) -> tuple[int, str]:
-    """Run ``rwcflow`` and SIGKILL its job processes once its registrations run; its status and stderr."""
+def _run_killing_a_job(command: list[str], started: str) -> tuple[int, str]:
+    """Run ``rwcflow`` and SIGKILL its job processes once a job starts (a line ending in ``started``); its
+    status and stderr."""
     run = subprocess.Popen([sys.executable, "-m", "rwcflow.bids_app.cli", *command], stderr=subprocess.PIPE,
                            text=True)
     lines = []
     for line in run.stderr:
         lines.append(line)
-        if "registering" in line:
+        if line.rstrip().endswith(started):
             break
     time.sleep(1)
     killed = _job_processes(run.pid)
@@ -69,20 +72,20 @@ def _crash_files(folder: Path) -> list[Path]:
 def test_failed_job_is_named_everywhere_and_its_traceback_survives_the_next_run(raw, tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     command = [str(raw), str(out), "participant", "-w", str(work), *OPTIONS]
-    code, err = _run_killing_a_job(command)  # sub-01's jobs
+    code, err = _run_killing_a_job(command, ": refining")  # sub-01's refinement
     assert code == 1
     # the others go on
     assert "sub-02 done" in err and (out / "sub-02" / "anat" / "sub-02_desc-template_T1w.nii.gz").is_file()
     line = next(line for line in err.splitlines() if "sub-01 failed" in line)
-    assert KILLED.search(line), line
+    assert PARTICIPANT_KILLED.search(line), line
     assert "See output directory" not in err and "Traceback" not in err
     # the line in the log file and the report, the traceback in the crash file it names
-    assert KILLED.search(next((out / "logs").glob("rwcflow-participant-*.log")).read_text())
-    assert KILLED.search((out / "sub-01.html").read_text())
+    assert PARTICIPANT_KILLED.search(next((out / "logs").glob("rwcflow-participant-*.log")).read_text())
+    assert PARTICIPANT_KILLED.search((out / "sub-01.html").read_text())
     first = _crash_files(out / "sub-01" / "log")
     assert any(f"traceback: {path.relative_to(out)}" in line for path in first)
     crash = first[0].read_text()
-    assert re.match(r"Job: (affine_to_first|register_0)\[\d\]\nTask: Register\n", crash), crash[:200]
+    assert re.match(r"Job: refine\nTask: GroupwiseRefine\n", crash), crash[:200]
     assert "BrokenProcessPool" in crash
     # the next run (same work folder) completes, and keeps the first run's crash file
     rerun = subprocess.run([sys.executable, "-m", "rwcflow.bids_app.cli", *command], capture_output=True, text=True,
@@ -93,10 +96,11 @@ def test_failed_job_is_named_everywhere_and_its_traceback_survives_the_next_run(
 
 def test_group_level_failure_is_one_line_with_a_crash_file(raw, tmp_path):
     out = tmp_path / "out"
-    code, err = _run_killing_a_job([str(raw), str(out), "group", "-w", str(tmp_path / "work"), *OPTIONS])
+    code, err = _run_killing_a_job([str(raw), str(out), "group", "-w", str(tmp_path / "work"), *OPTIONS],
+                                   ": registering")
     assert code == 1
     line = next(line for line in err.splitlines() if "group level failed" in line)
-    assert KILLED.search(line) and "Traceback" not in err
+    assert GROUP_KILLED.search(line) and "Traceback" not in err
     crashes = _crash_files(out / "logs")
     assert any(f"traceback: {path.relative_to(out)}" in line for path in crashes)
     assert all("BrokenProcessPool" in path.read_text() for path in crashes)

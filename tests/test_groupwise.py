@@ -31,8 +31,9 @@ def _log_jacobian(displacement: np.ndarray, grid: Grid) -> np.ndarray:
 @pytest.fixture(scope="module")
 def shrunk_pair():
     """Session 2 is session 1 with the ball of ``RADIUS`` voxels around ``CENTRE`` scaled down by ``LOSS`` of
-    its volume (``u = a w(r) (x - c)``, ``w`` 1 inside, a raised cosine to 0 at twice the radius)."""
-    grid = Grid(SHAPE, np.diag([1.0, 1.0, 1.0, 1.0]))
+    its volume (``u = a w(r) (x - c)``, ``w`` 1 inside, a raised cosine to 0 at twice the radius), on 3 mm
+    voxels: a 24 mm ball, which the refinement's 10 mm smoothing resolves."""
+    grid = Grid(SHAPE, np.diag([3.0, 3.0, 3.0, 1.0]))
     offset = np.indices(SHAPE, dtype=np.float64) - CENTRE.reshape(3, 1, 1, 1)
     distance = np.sqrt((offset**2).sum(axis=0))
     weight = 0.5 * (1 + np.cos(np.pi * np.clip(distance / RADIUS - 1, 0, 1)))
@@ -91,9 +92,9 @@ def test_a_session_cut_by_its_field_of_view_keeps_its_map_near_the_cut():
 
 def test_no_iterations_keeps_the_maps_and_averages_the_resampled_sessions(shrunk_pair):
     grid, first, second, _ = shrunk_pair
-    initial = [np.zeros((*SHAPE, 3)), np.full((*SHAPE, 3), 1.0)]  # session 2 read 1 mm further along each axis
+    initial = [np.zeros((*SHAPE, 3)), np.full((*SHAPE, 3), 3.0)]  # session 2 read 3 mm (a voxel) further along each axis
     refined, warped, template = refine_groupwise([first, second], initial, grid, GroupwiseRefinement(iterations=0))
-    np.testing.assert_allclose(refined[1], 1.0, atol=1e-5)
+    np.testing.assert_allclose(refined[1], 3.0, atol=1e-5)
     np.testing.assert_allclose(warped[1].data[:-1, :-1, :-1], second.data[1:, 1:, 1:], atol=1e-5)
     np.testing.assert_allclose(template.data, (warped[0].data + warped[1].data) / 2, atol=1e-6)
 

@@ -66,15 +66,15 @@ def _alive(pids: set[int]) -> set[int]:
 
 
 def _interrupt(raw: Path, out: Path, work: Path, signum: int) -> tuple[subprocess.Popen, str, set[int]]:
-    """Start the App, send ``signum`` once its registrations run; its exit status, stderr and the
-    processes it had started."""
+    """Start the App, send ``signum`` once its first groupwise refinement runs; its exit status, stderr and
+    the processes it had started."""
     run = subprocess.Popen(_command(raw, out, work), stderr=subprocess.PIPE, text=True)
     lines = []
     for line in run.stderr:
         lines.append(line)
-        if "registering" in line:
+        if line.rstrip().endswith(": refining"):
             break
-    time.sleep(2)  # the registrations are in their job processes
+    time.sleep(0.5)  # the refinement (seconds) is in its job process
     started = _descendants(run.pid)
     assert len(started) >= 3, started  # fork server, resource tracker, job processes
     run.send_signal(signum)
@@ -89,7 +89,7 @@ def test_a_stop_signal_ends_every_process_with_one_line(dataset, tmp_path, signu
     out, work = tmp_path / "out", tmp_path / "work"
     run, stderr, started = _interrupt(raw, out, work, signum)
     assert run.returncode == 128 + signum
-    after_progress = stderr.split("registering\n")[-1].strip().splitlines()
+    after_progress = stderr.split(": refining\n")[-1].strip().splitlines()
     assert after_progress == [f"rwcflow: stopped by {signal.Signals(signum).name}: every job stopped, nothing "
                               f"half-written; run the same command again (same work folder) to resume"]
     deadline = time.monotonic() + 10
