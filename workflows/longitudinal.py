@@ -7,10 +7,10 @@ half-way between them (:class:`~rwcflow.tasks.RigidMidspace`, no session privile
 refined jointly (:class:`~rwcflow.tasks.GroupwiseRefine`: every session resampled alike and compared with
 the others, smooth corrections of zero mean), which measures the local change; the template is the mean of
 the refined sessions. No network runs here: a learned inter-subject registration of each session adds its
-own noise to every session's map, which the change maps would show (the demo's far field: mean
-|Δ log J| 0.024 against 0.003). Given a group template, the within-subject template is registered to it
-(the network's job) and every session's transform into group space is the composition of the two (one
-interpolation from the session to the group grid).
+own noise to every session's map, which the change maps would show (README, Benchmarks). Given a group
+template, the within-subject template is registered to it (the network's job) and every session's
+transform into group space is the composition of the two (one interpolation from the session to the
+group grid).
 """
 
 from __future__ import annotations
