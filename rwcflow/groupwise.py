@@ -190,6 +190,7 @@ def refine_groupwise(
         return session_maps[i].at(identity + correction[i : i + 1])
 
     sample = spatial.bspline_sample if bspline else spatial.sample
+    stacked = torch.cat(values) if len({v.shape for v in values}) == 1 else None
     parameter = torch.zeros((len(sessions), 3, *control_shape), device=device, requires_grad=True)
     voxels = float(np.prod(grid.shape))
     # the optimiser's defaults but no tolerances: it stops after the iterations asked for, or on a
@@ -203,7 +204,11 @@ def refine_groupwise(
     def loss_and_gradient() -> Tensor:
         nonlocal done
         correction = corrections(parameter)
-        warped = torch.cat([sample(v, composed(i, correction)) for i, v in enumerate(values)])
+        coords = [composed(i, correction) for i in range(len(values))]
+        if stacked is not None:  # one call over the sessions: its work is split among the threads by session
+            warped = sample(stacked, torch.cat(coords))
+        else:
+            warped = torch.cat([sample(v, c) for v, c in zip(values, coords)])
         others = (warped.sum(0, keepdim=True) - warped) / (len(values) - 1)
         loss = ncc_loss(others, warped, options.window, compared, squared=True)
         # summed over the voxels rather than averaged, so that the loss and its gradient stay well above

@@ -42,11 +42,19 @@ def mse_loss(fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tenso
 
 def _box_mean(image: Tensor, window: int) -> Tensor:
     """Local mean over a cubic ``window`` (odd, shrunk to fit small axes), borders averaged over the inside."""
-    kernel = tuple(min(window, n if n % 2 else n - 1) for n in image.shape[2:])
-    # one axis at a time: the same result (the border counts factor per axis), k times cheaper per pass
-    for axis, size in enumerate(kernel):
-        shape = tuple(size if a == axis else 1 for a in range(3))
-        image = F.avg_pool3d(image, shape, stride=1, padding=tuple(k // 2 for k in shape), count_include_pad=False)
+    for dim, n in enumerate(image.shape[2:], start=2):
+        radius = min(window, n if n % 2 else n - 1) // 2
+        # one axis at a time (the border counts factor per axis), each as a difference of running sums (in
+        # double precision, which the difference of two long sums needs): the means of
+        # ``avg_pool3d(count_include_pad=False)``, in a time that does not grow with the window
+        padding = [0] * (2 * (image.dim() - 2))
+        padding[2 * (image.dim() - 1 - dim)] = radius + 1
+        padding[2 * (image.dim() - 1 - dim) + 1] = radius
+        sums = F.pad(image, padding).cumsum(dim, dtype=torch.float64)
+        index = torch.arange(n, device=image.device)
+        count = (index + radius).clamp(max=n - 1) - (index - radius).clamp(min=0) + 1
+        shape = [n if d == dim else 1 for d in range(image.dim())]
+        image = ((sums.narrow(dim, 2 * radius + 1, n) - sums.narrow(dim, 0, n)) / count.view(shape)).to(image.dtype)
     return image
 
 
