@@ -29,7 +29,7 @@ from rwcflow.signals import Stopped, stop_on_signals
 
 from . import dataset, derivatives
 from .failures import record_failure
-from .options import REFINE_ITERS, RunOptions, limit_threads
+from .options import GROUP_ITERATIONS, REFINE_ITERS, RunOptions, limit_threads
 from .spaces import BUILTIN, UNBIASED, TemplateChoice, resolve_template
 
 log = logging.getLogger("rwcflow")
@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     registration.add_argument("--refine-iters", type=int, default=REFINE_ITERS, metavar="N",
                               help=f"L-BFGS iterations of the joint refinement of each participant's session maps "
                                    f"(0: off; default {REFINE_ITERS})")
-    registration.add_argument("--group-iterations", type=int, default=3, metavar="K",
-                              help="group template updates (default 3)")
+    registration.add_argument("--group-iterations", type=int, default=GROUP_ITERATIONS, metavar="K",
+                              help=f"group template updates (default {GROUP_ITERATIONS})")
     registration.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     registration.add_argument("--random-seed", type=int, default=0, metavar="SEED",
                               help="seed of every random generator (same inputs, seed and hardware: same outputs)")
@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     execution.add_argument("--nprocs", "--n-cpus", type=int, default=available_cpus(),
                            help="CPUs to use in all (default: those this process may use: CPU affinity, cgroup "
                                 "quota, SLURM_CPUS_PER_TASK)")
-    execution.add_argument("--omp-nthreads", type=int, default=1, help="threads per job (default 1)")
+    execution.add_argument("--omp-nthreads", type=int, metavar="N",
+                           help="threads per job (default: --nprocs for the participant level run locally, whose "
+                                "jobs follow one another; else 1, as the group level's registrations run side by side)")
     execution.add_argument("--plugin", choices=["cf", "slurm"], default="cf",
                            help="Pydra worker: cf (local processes) or slurm (one SLURM job per task, each running "
                                 "this Python installation: rwcflow must be installed where the nodes see it)")
@@ -136,6 +138,8 @@ def check_options(args: argparse.Namespace, output_dir: Path, work_dir: Path) ->
     """Every option, before any work: one line naming the option or file and the problem."""
     check_output_folder("output folder", output_dir)
     check_output_folder("--work-dir", work_dir)
+    if args.omp_nthreads is None:
+        args.omp_nthreads = default_omp_nthreads(args.analysis_level, args.plugin, args.nprocs)
     for option, value, minimum in (("--nprocs", args.nprocs, 1), ("--omp-nthreads", args.omp_nthreads, 1),
                                    ("--io-iters", args.io_iters, 0),
                                    ("--refine-iters", args.refine_iters, 0),
@@ -144,6 +148,13 @@ def check_options(args: argparse.Namespace, output_dir: Path, work_dir: Path) ->
         check_at_least(option, value, minimum)
     check_model("--model", args.model)
     check_device("--device", args.device)
+
+
+def default_omp_nthreads(level: str, plugin: str, nprocs: int) -> int:
+    """Threads per job when ``--omp-nthreads`` is not given: a participant's workflow run locally is a chain
+    (rigid midspace, refinement, then small per-session jobs), so each job takes every CPU; the group
+    level's registrations run side by side, one thread each, and SLURM jobs ask for one CPU each."""
+    return max(1, nprocs) if level == "participant" and plugin == "cf" else 1
 
 
 def _run_level(args: argparse.Namespace, participants: list, template: TemplateChoice, bids_dir: Path,

@@ -19,6 +19,9 @@ from .spaces import TemplateChoice
 
 REFINE_ITERS = GroupwiseRefinement.iterations
 """L-BFGS iterations of each participant's groupwise refinement, by default."""
+GROUP_ITERATIONS = 2
+"""Updates of the group template, by default: on the demo the second update moves the template by about as
+much as the third, the registrations' own noise (``benchmarks/results/example_cpu.md``)."""
 
 
 @dataclass
@@ -31,7 +34,7 @@ class RunOptions:
     io_iters: int | None = None
     device: str = "auto"
     refine_iters: int = REFINE_ITERS
-    group_iterations: int = 3
+    group_iterations: int = GROUP_ITERATIONS
     nprocs: int = 1
     omp_nthreads: int = 1
     plugin: str = "cf"

@@ -3,6 +3,7 @@ Pydra submitter, and the BIDS App run once on the demo dataset."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,13 +18,23 @@ from rwcflow.bids_app.cli import main
 from rwcflow.bids_app.demo import write_demo_dataset
 
 
-@pytest.fixture(autouse=True, scope="session")
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@pytest.fixture(autouse=True)
 def one_torch_thread():
-    """Test tensors are small: one torch thread is as fast, and cannot thrash on a busy 2-core machine."""
-    threads = torch.get_num_threads()
+    """Test tensors are small: one torch thread is as fast, and cannot thrash on a busy 2-core machine. Every
+    test starts so, and what it changed is undone after it: the App run in this process sets its own threads
+    (:func:`rwcflow.bids_app.options.limit_threads`), which must not carry over into the next test."""
+    threads, variables = torch.get_num_threads(), {name: os.environ.get(name) for name in THREAD_VARIABLES}
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+    for name, value in variables.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def _smooth_noise(shape: Sequence[int], channels: int, sigma: float, seed: int) -> np.ndarray:

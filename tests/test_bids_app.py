@@ -185,7 +185,8 @@ def test_demo_participant_level_with_the_shipped_model(tmp_path):
     out = tmp_path / "out"
     group = raw / "sourcedata" / "truth" / "tpl-MNI152NLin2009aSym_desc-brain_T1w.nii.gz"
     assert main([str(raw), str(out), "participant", "-w", str(tmp_path / "work"), "--io-iters", "5",
-                 "--refine-iters", "20", "--template", str(group), "--nprocs", "2", "--skip-bids-validation",
+                 "--refine-iters", "20", "--template", str(group), "--nprocs", "2", "--omp-nthreads", "1",
+                 "--skip-bids-validation",
                  "--device", "cpu"]) == 0
     assert list((out / "sub-01" / "anat").glob("sub-01_from-T1w_to-*_mode-image_xfm.nii.gz"))
     for session in ("1", "2"):

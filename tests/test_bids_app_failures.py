@@ -21,7 +21,7 @@ from demo_study import FAST
 
 ROOT = Path(__file__).resolve().parents[1]
 # registrations (group level) and refinements (participant level) long enough to be killed mid-job
-OPTIONS = ["--nprocs", "2", *FAST, "--io-iters", "60", "--refine-iters", "100"]
+OPTIONS = ["--nprocs", "2", "--omp-nthreads", "1", *FAST, "--io-iters", "60", "--refine-iters", "100"]
 BROKEN = r"failed: BrokenProcessPool: A process in the process pool was terminated abruptly"
 PARTICIPANT_KILLED = re.compile(r"task refine \(GroupwiseRefine\) " + BROKEN)
 GROUP_KILLED = re.compile(r"task (affine_to_first|register_0)\[\d\] \(Register\) " + BROKEN)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from rwcflow.bids_app.cli import build_parser
+from rwcflow.bids_app.cli import build_parser, default_omp_nthreads
 from rwcflow.bids_app.options import RunOptions
 from rwcflow.bids_app.spaces import TemplateChoice
 from rwcflow.submitter import ResumingSubmitter
@@ -36,3 +36,13 @@ def test_slurm_jobs_get_the_thread_count_as_cpus_unless_the_user_sets_it(tmp_pat
 def test_slurm_args_are_taken_as_one_value(argv):
     args = build_parser().parse_args(["bids", "out", "participant", "--plugin", "slurm", *argv])
     assert args.slurm_args == "-p gpu --gres=gpu:1"
+
+
+def test_jobs_take_every_cpu_at_the_participant_level_run_locally_and_one_elsewhere():
+    """A participant's workflow is a chain of jobs (rigid midspace, refinement, small per-session jobs): run
+    locally, each takes all --nprocs CPUs; the group level's registrations run side by side, one thread
+    each, and SLURM jobs ask for one CPU unless --omp-nthreads says otherwise."""
+    assert default_omp_nthreads("participant", "cf", 2) == 2
+    assert default_omp_nthreads("participant", "cf", 8) == 8
+    assert default_omp_nthreads("group", "cf", 8) == 1
+    assert default_omp_nthreads("participant", "slurm", 8) == 1

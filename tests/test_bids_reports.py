@@ -350,7 +350,7 @@ def test_methods_follow_the_options():
                  "Bias in estimation of hippocampal atrophy", "optimal template effect"):
         assert work in listed, work
     assert "20 Adam steps (rwcflow's default) on a MIND-SSC" in text and f"refined jointly ({default['refine_iters']} L-BFGS iterations)" in text
-    assert "half-way between them" in text and "3 template updates" in text
+    assert "half-way between them" in text and f"{default['group_iterations']} template updates" in text
 
     paragraphs, references = methods(parameters(model="none", io_iters=0, refine_iters=0))
     text, listed = " ".join(paragraphs), " ".join(references)

@@ -17,7 +17,9 @@ from demo_study import FAST, digests
 
 from rwcflow.run_lock import LOCK_NAME
 
-OPTIONS = ["--participant-label", "01", "--nprocs", "2", *FAST]
+# two one-thread jobs at once (the participant level would otherwise run one job with both threads), whose
+# results match the reference run's one-thread jobs bit for bit
+OPTIONS = ["--participant-label", "01", "--nprocs", "2", "--omp-nthreads", "1", *FAST]
 
 
 @pytest.fixture
