@@ -79,7 +79,9 @@ class ForkServerWorker(ConcurrentFuturesWorker):
         if _TRACKER_WARNING not in sys.warnoptions:
             sys.warnoptions.append(_TRACKER_WARNING)
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["rwcflow.tasks"])  # imported once, by the server
+        # imported once, by the server: rwcflow's tasks, and MONAI's networks, which the tasks import only
+        # where a network is built (:class:`rwcflow.models.Encoder`)
+        context.set_forkserver_preload(["rwcflow.tasks", "monai.networks.nets"])
         records = context.Queue()
         self._log_listener = logging.handlers.QueueListener(records, _Relay())
         self._log_listener.start()

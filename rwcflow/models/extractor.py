@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import SegResNet
 from torch import nn
 
 from rwcflow.models.config import RWCNetConfig
@@ -20,6 +19,10 @@ class Encoder(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, config: RWCNetConfig, *, dropout: float = 0.0):
+        # imported here: importing monai takes seconds (it loads its data and transform modules too), which
+        # every command line paid at start, networks or not
+        from monai.networks.nets import SegResNet
+
         super().__init__()
         self.net = SegResNet(
             spatial_dims=3,
