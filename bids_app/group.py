@@ -94,9 +94,11 @@ def run_group(participants: list[Participant], bids_dir: Path, output_dir: Path,
         registered[label] = names.copy_output(Path(warped), warped_path, {
             "Description": f"sub-{label} resampled into the group template", "Sources": [source]})
         fit[label] = fit_to_template(template, registered[label])
+    written = time.perf_counter()
     group_report(output_dir, GroupResult(template=template, iteration_templates=iterations, convergence=convergence,
                                          participants=registered, fit=fit, parameters=options.parameters(),
                                          failed=failed, command=options.command))
+    log.info("group report written in %.1f s", time.perf_counter() - written)
     return failed
 
 

@@ -45,7 +45,9 @@ def run_participants(participants: list[Participant], bids_dir: Path, output_dir
                 participant.label, template=None, sessions=[], parameters=options.parameters(),
                 errors=[failed[participant.label]], command=options.command))
             continue
+        written = time.perf_counter()
         participant_report(output_dir, result)
+        log.info("sub-%s: report written in %.1f s", participant.label, time.perf_counter() - written)
         log.info("sub-%s done in %.0f s", participant.label, time.perf_counter() - start)
     return failed
 

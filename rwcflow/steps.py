@@ -150,8 +150,11 @@ def average_images(images: Sequence[PathLike], out_dir: PathLike, method: str = 
                    sharpen: float = 0.0) -> Path:
     """Voxel-wise ``"mean"`` or ``"median"`` of ``images`` on the first image's grid, Laplacian-sharpened by
     ``sharpen`` (:func:`rwcflow.maps.average_images`), ``average.nii.gz``."""
+    start = time.perf_counter()
     average = maps.average_images([load_image(image) for image in images], method, sharpen)
-    return save_image(average, Path(out_dir) / "average.nii.gz")
+    path = save_image(average, Path(out_dir) / "average.nii.gz")
+    log.info("%s of %d images: averaged in %.1f s", method, len(images), time.perf_counter() - start)
+    return path
 
 
 def shape_update(average: PathLike, average_xfm: PathLike, out_dir: PathLike, gradient_step: float = 0.25,
@@ -163,6 +166,7 @@ def shape_update(average: PathLike, average_xfm: PathLike, out_dir: PathLike, gr
     update's :func:`rwcflow.templates.update_norms` into ``shape_update.json``; the new template is
     ``template_update-<n>.nii.gz``, ``n`` the update's number. Returns both paths.
     """
+    start = time.perf_counter()
     disp, grid = transforms.read_displacement_field(average_xfm)
     average_image = load_image(average)
     updated = templates.shape_update(average_image, disp, grid, gradient_step, repeats)
@@ -170,7 +174,10 @@ def shape_update(average: PathLike, average_xfm: PathLike, out_dir: PathLike, gr
     history.append({"update": len(history) + 1, **templates.update_norms(disp, grid, average_image)})
     log_path = Path(out_dir) / "shape_update.json"
     log_path.write_text(json.dumps(history, indent=2))
-    return save_image(updated, Path(out_dir) / f"template_update-{len(history)}.nii.gz"), log_path
+    path = save_image(updated, Path(out_dir) / f"template_update-{len(history)}.nii.gz")
+    log.info("template update %d (mean field %.2f mm): updated in %.1f s", len(history),
+             history[-1]["update_norm_mm"], time.perf_counter() - start)
+    return path, log_path
 
 
 def single_session(session: PathLike, out_dir: PathLike) -> tuple[Path, Path, Path]:
