@@ -18,14 +18,26 @@ participant level, this compares what the derivatives say with it, per participa
   twice the radius (where the simulated change fades to nothing) plus two template voxels from the
   centre, where the truth is 0, to be below ``--far-limit``.
 
-It prints a table, writes it as JSON (default ``DERIVATIVES_DIR/demo_validation.json``, atomically) and
-exits 0 when every row passes, 1 when one does not, 2 on bad input (no truth, missing derivatives).
+After the group level, the group template (``tpl-unbiased``) against the truth too. The participants'
+brains are the template brain ``T`` deformed by known maps ``psi_i`` (template point to session-1 point),
+so their true mean shape is ``T`` seen through the mean map, ``T(mean_i psi_i)^-1``, which is also where
+the group template's shape update stops (the mean of the template->participant maps is then the
+identity). Its **error** is ``1 - r``, ``r`` the correlation of the intensities over the true mean
+shape's brain once that shape is rigidly aligned onto the image (shape, not position, is what the truth
+fixes: the within-subject templates lie in each participant's own midspace). The group template's error
+must be at most ``--template-ratio`` times the plain average's: the group level's starting point
+(``desc-iteration0``, the participants' images affinely aligned to the first and averaged).
+
+It prints the tables, writes them as JSON (default ``DERIVATIVES_DIR/demo_validation.json``, atomically)
+and exits 0 when every row passes, 1 when one does not, 2 on bad input (no truth, missing derivatives).
+Without a group template (the group level not run) only the participants are checked.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -33,12 +45,15 @@ from pathlib import Path
 
 import numpy as np
 
-from rwcflow import __version__, transforms
+from rwcflow import __version__, maps, transforms
+from rwcflow.affine import affine_align
 from rwcflow.errors import InputError, RwcflowError
-from rwcflow.io import atomic_write, load_image, read_nibabel
+from rwcflow.io import Image, atomic_write, load_image, read_nibabel, resample
 from rwcflow.maps import foreground_mask
+from rwcflow.metrics import image_correlation
 
 from . import derivatives as names
+from .spaces import UNBIASED
 
 PROG = "rwcflow-demo-check"
 TOLERANCE_PP = 0.5
@@ -49,6 +64,8 @@ CORE_MARGIN_VOXELS = 1.0
 """Template voxels in from the sphere's surface to its core, the region measured."""
 FAR_MARGIN_VOXELS = 2.0
 """Template voxels beyond twice the radius before the far field starts (the fade's edge, interpolated)."""
+TEMPLATE_RATIO = 0.5
+"""Largest accepted group template error, as a fraction of the plain average's."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +130,65 @@ def participant_rows(bids_dir: Path, derivatives_dir: Path, truth: dict, *, tole
     return rows
 
 
+@dataclass(frozen=True)
+class TemplateRow:
+    """The group template and the plain average against the participants' true mean shape."""
+
+    participants: tuple[str, ...]
+    template_error: float
+    average_error: float
+    ratio_limit: float
+
+    @property
+    def ratio(self) -> float:
+        return self.template_error / self.average_error if self.average_error > 0 else float("inf")
+
+    @property
+    def passed(self) -> bool:
+        return self.ratio <= self.ratio_limit
+
+
+def true_mean_shape(truth_dir: Path, truths: Sequence[dict]) -> Image:
+    """The template brain seen through the mean of the participants' (``truths``) template->session-1
+    maps, on the template's grid: ``T(psi^-1(x))`` with ``psi(p) = p + mean_i d_i(p)``."""
+    template = load_image(truth_dir / truths[0]["participant_id"] / truths[0]["anatomy"]["template"])
+    fields = [transforms.read_displacement_field(truth_dir / truth["participant_id"] / truth["anatomy"]["xfm"])
+              for truth in truths]
+    mean, grid = maps.average_displacements(fields)
+    return transforms.apply_displacement(template, maps.invert_displacement(mean, grid), grid)
+
+
+def shape_error(image: Image, shape: Image) -> float:
+    """``1 - r`` of ``image`` and ``shape`` rigidly aligned onto it, over ``shape``'s brain."""
+    aligned = resample(shape, image.grid, world_matrix=affine_align(image, shape, rigid_only=True))
+    return 1.0 - image_correlation(aligned.data, image.data, foreground_mask(aligned))
+
+
+def template_row(bids_dir: Path, derivatives_dir: Path, *, ratio_limit: float = TEMPLATE_RATIO) -> TemplateRow | None:
+    """The group template's row (see the module docstring), ``None`` when no group template was built."""
+    path = names.template_path(derivatives_dir, UNBIASED)
+    if not path.exists():
+        return None
+    sidecar = path.with_name(path.name.removesuffix(".nii.gz") + ".json")
+    try:
+        sources = json.loads(sidecar.read_text())["Sources"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(sidecar, f"cannot read the group template's sources ({exc})") from exc
+    labels = sorted({part for source in sources for part in Path(source.split(":", 2)[-1]).parts
+                     if re.fullmatch(r"sub-[A-Za-z0-9]+", part)})
+    truth_dir = bids_dir / "sourcedata" / "truth"
+    truths = []
+    for label in labels:
+        truth_file = truth_dir / label / f"{label}_truth.json"
+        if not truth_file.exists():
+            raise InputError(truth_file, "no truth for a participant of the group template")
+        truths.append(json.loads(truth_file.read_text()))
+    shape = true_mean_shape(truth_dir, truths)
+    average = load_image(names.template_path(derivatives_dir, UNBIASED, "desc-iteration0_T1w.nii.gz"))
+    return TemplateRow(tuple(labels), round(shape_error(load_image(path), shape), 6),
+                       round(shape_error(average, shape), 6), ratio_limit)
+
+
 def check_demo(bids_dir: Path, derivatives_dir: Path, *, tolerance_pp: float = TOLERANCE_PP,
                far_limit: float = FAR_LIMIT) -> list[ChangeRow]:
     """Every participant of the demo dataset ``bids_dir`` with two or more sessions, against its truth."""
@@ -139,6 +215,15 @@ def table(rows: Sequence[ChangeRow]) -> str:
     return "\n".join(lines)
 
 
+def template_table(row: TemplateRow) -> str:
+    """The group template's row as a Markdown table."""
+    return "\n".join([
+        "| group template of | its error (1 - r with the true mean shape) | plain average's error | ratio | result |",
+        "|---|---|---|---|---|",
+        f"| {', '.join(row.participants)} | {row.template_error:.4f} | {row.average_error:.4f} | {row.ratio:.2f} "
+        f"| {'pass' if row.passed else 'FAIL'} |"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("bids_dir", type=Path, help="the demo dataset (rwcflow-demo-data)")
@@ -148,19 +233,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"largest accepted |recovered - true| change in percentage points (default {TOLERANCE_PP})")
     parser.add_argument("--far-limit", type=float, default=FAR_LIMIT,
                         help=f"largest accepted far-field mean |Δ log J| (default {FAR_LIMIT})")
+    parser.add_argument("--template-ratio", type=float, default=TEMPLATE_RATIO,
+                        help=f"largest accepted group template error over the plain average's (default {TEMPLATE_RATIO})")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
     try:
         rows = check_demo(args.bids_dir, args.derivatives_dir, tolerance_pp=args.tolerance, far_limit=args.far_limit)
+        group = template_row(args.bids_dir, args.derivatives_dir, ratio_limit=args.template_ratio)
     except RwcflowError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    passed = all(row.passed for row in rows)
+    passed = all(row.passed for row in rows) and (group is None or group.passed)
     report = {"passed": passed, "tolerance_pp": args.tolerance, "far_limit": args.far_limit,
-              "rows": [{**asdict(row), "error_pp": round(row.error_pp, 4), "passed": row.passed} for row in rows]}
+              "rows": [{**asdict(row), "error_pp": round(row.error_pp, 4), "passed": row.passed} for row in rows],
+              "group_template": None if group is None else {**asdict(group), "ratio": round(group.ratio, 4),
+                                                            "passed": group.passed}}
     out = args.json or args.derivatives_dir / "demo_validation.json"
     atomic_write(out, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
     print(table(rows))
-    print(f"{'every participant passes' if passed else 'NOT every participant passes'} "
-          f"(±{args.tolerance:g} pp, far field < {args.far_limit:g}); written to {out}")
+    print(template_table(group) if group else "no group template (the group level has not run): not checked")
+    print(f"{'every check passes' if passed else 'NOT every check passes'} (±{args.tolerance:g} pp, far field < "
+          f"{args.far_limit:g}, template error at most {args.template_ratio:g} x the plain average's); written to {out}")
     return 0 if passed else 1
