@@ -125,17 +125,53 @@ class DemoParticipant:
         _write_json(truth / f"{sub}_truth.json", self.truth)
 
 
+def shrunk_image(image: Image, centre_mm: Sequence[float], radius_mm: float, loss: float) -> tuple[np.ndarray, torch.Tensor]:
+    """``image``'s data with the sphere shrunk by ``loss`` of its volume (:func:`shrink_sphere`), resampled
+    by cubic spline (the spline's ripples off the brain zeroed), and the pull-back field it was resampled through."""
+    field = shrink_sphere(image.grid, centre_mm, radius_mm, loss)
+    coords = np.indices(image.grid.shape, dtype=np.float64) + field[0].double().numpy()
+    shrunk = np.maximum(ndimage.map_coordinates(image.data, coords, order=3, mode="nearest"), 0.0)
+    shrunk[spatial.warp(image.tensor(), field)[0, 0].numpy() == 0] = 0.0
+    return shrunk, field
+
+
+def intensity_change(image: Image, amount: float, rng: np.random.Generator) -> np.ndarray:
+    """``image``'s data times a gain within ``1 ± amount`` and a linear bias field along a random direction,
+    from ``1 - amount`` to ``1 + amount`` across the grid: a session acquired with other scanner settings
+    (0: none)."""
+    direction = rng.normal(size=3)
+    direction /= np.linalg.norm(direction)
+    middle = (np.array(image.grid.shape, dtype=np.float64).reshape(3, 1, 1, 1) - 1) / 2
+    ramp = np.tensordot(direction, (np.indices(image.grid.shape) - middle) / np.maximum(middle, 1), axes=1)
+    ramp /= max(np.abs(ramp).max(), 1e-12)  # from -1 to 1 across the grid
+    gain = rng.uniform(1.0 - amount, 1.0 + amount)
+    return (image.data * gain * (1.0 + amount * ramp)).astype(np.float32)
+
+
 def make_participant(label: str, *, sessions: int = 2, resolution_mm: float = 3.0,
-                     atrophy_percent: float = 5.0, seed: int = 0) -> DemoParticipant:
-    """One participant of the demo dataset (see the module docstring), reproducible from ``seed``."""
-    pair = make_example_pair(resolution_mm=resolution_mm, max_displacement_mm=ANATOMY_DISPLACEMENT_MM, seed=seed)
+                     atrophy_percent: float = 5.0, seed: int = 0, brain: tuple[Image, Image] | None = None,
+                     template: str = TEMPLATE, site: str = "the left hippocampus",
+                     centre_mm: Sequence[float] = LEFT_HIPPOCAMPUS_MNI_MM, radius_mm: float = ATROPHY_RADIUS_MM,
+                     repositioning: tuple[float, float] = REPOSITIONING,
+                     session_intensity: float = 0.0) -> DemoParticipant:
+    """One participant of the demo dataset (see the module docstring), reproducible from ``seed``.
+
+    The defaults make the demo's participants; a benchmark varies them: ``brain`` (image and labels on one
+    grid, named ``template``; default the MNI152 brain at ``resolution_mm``), the atrophy's ``site``
+    (a name) at ``centre_mm`` (the brain's world coordinates) with ``radius_mm``, a later session's
+    ``repositioning`` (largest rotation in degrees and shift in mm per axis) and its
+    :func:`intensity_change` ``session_intensity``.
+    """
+    pair = make_example_pair(resolution_mm=resolution_mm, max_displacement_mm=ANATOMY_DISPLACEMENT_MM, seed=seed,
+                             brain=brain)
+    resolution_mm = float(np.mean(pair.fixed.grid.spacing))
     rng = np.random.default_rng([seed, 1])
     gain = float(rng.uniform(800.0, 1200.0))
     first = pair.moving.with_data((gain * pair.moving.data).astype(np.float32))
     noise_std = NOISE_FRACTION_1MM / resolution_mm**1.5 * float(np.percentile(first.data[first.data > 0], 99))
 
-    # where the template's left hippocampus lies in session 1: the brain voxel x is the moving voxel x + v(x)
-    centre = pair.fixed.grid.world_to_voxel(np.asarray(LEFT_HIPPOCAMPUS_MNI_MM))
+    # where the brain's site lies in session 1: the brain voxel x is the moving voxel x + v(x)
+    centre = pair.fixed.grid.world_to_voxel(np.asarray(centre_mm, dtype=np.float64))
     point = torch.from_numpy(centre.reshape(1, 3, 1, 1, 1)).float()
     centre_voxel = centre + spatial.sample(pair.true_field, point)[0, :, 0, 0, 0].double().numpy()
     centre_ses1 = first.grid.voxel_to_world(centre_voxel)
@@ -145,11 +181,10 @@ def make_participant(label: str, *, sessions: int = 2, resolution_mm: float = 3.
     middle = first.grid.voxel_to_world((np.array(first.grid.shape) - 1) / 2.0)
     for number in range(2, sessions + 1):
         loss = (number - 1) * atrophy_percent / 100.0
-        field = shrink_sphere(first.grid, centre_ses1, ATROPHY_RADIUS_MM, loss)
-        coords = np.indices(first.grid.shape, dtype=np.float64) + field[0].double().numpy()
-        shrunk = np.maximum(ndimage.map_coordinates(first.data, coords, order=3, mode="nearest"), 0.0)
-        shrunk[spatial.warp(first.tensor(), field)[0, 0].numpy() == 0] = 0.0  # the spline's ripples off the brain
-        angle, shift = REPOSITIONING
+        shrunk, field = shrunk_image(first, centre_ses1, radius_mm, loss)
+        if session_intensity:
+            shrunk = intensity_change(first.with_data(shrunk), session_intensity, rng)
+        angle, shift = repositioning
         move = rigid_matrix(rng.uniform(-angle, angle, 3), rng.uniform(-shift, shift, 3), middle)
         grid = Grid(first.grid.shape, move @ first.affine)
         images.append(_noisy(Image(shrunk, grid.affine), noise_std, rng))
@@ -167,16 +202,16 @@ def make_participant(label: str, *, sessions: int = 2, resolution_mm: float = 3.
         "noise_std": noise_std,
         "intensity_gain": gain,
         "anatomy": {
-            "template": f"../tpl-{TEMPLATE}_desc-brain_T1w.nii.gz",
-            "xfm": f"sub-{label}_ses-1_from-T1w_to-{TEMPLATE}_mode-image_xfm.nii.gz",
+            "template": f"../tpl-{template}_desc-brain_T1w.nii.gz",
+            "xfm": f"sub-{label}_ses-1_from-T1w_to-{template}_mode-image_xfm.nii.gz",
             "max_displacement_mm": ANATOMY_DISPLACEMENT_MM,
             "rigid_ras": pair.true_affine.round(8).tolist(),
         },
         "atrophy": {
-            "region": "sphere around the left hippocampus",
-            "centre_mni_mm": list(LEFT_HIPPOCAMPUS_MNI_MM),
-            "radius_mm": ATROPHY_RADIUS_MM,
-            "fade_to_mm": 2 * ATROPHY_RADIUS_MM,
+            "region": f"sphere around {site}",
+            "centre_template_mm": [float(c) for c in centre_mm],
+            "radius_mm": radius_mm,
+            "fade_to_mm": 2 * radius_mm,
             "sessions": atrophy,
         },
     }

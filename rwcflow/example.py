@@ -98,9 +98,12 @@ def make_example_pair(
     rotation_deg: float = 4.0,
     shift_mm: float = 5.0,
     seed: int = 0,
+    brain: tuple[Image, Image] | None = None,
 ) -> ExamplePair:
-    """Build the example pair (see the module docstring)."""
-    fixed, fixed_labels = mni152_brain(resolution_mm)
+    """Build the example pair (see the module docstring); ``brain``: the fixed image and its labels, on one
+    grid (default: the MNI152 brain at ``resolution_mm``, which is then ignored)."""
+    fixed, fixed_labels = brain if brain is not None else mni152_brain(resolution_mm)
+    resolution_mm = float(np.mean(fixed.grid.spacing))
     rng = np.random.default_rng(seed)
     field = random_smooth_field(fixed.data.shape, max_displacement_mm / resolution_mm, seed=seed)
 

@@ -13,7 +13,8 @@ from scipy import ndimage
 
 from rwcflow import transforms
 from rwcflow.bids_app import demo
-from rwcflow.io import Grid, load_image, resample
+from rwcflow.example import mni152_brain
+from rwcflow.io import Grid, Image, load_image, resample
 from rwcflow.maps import jacobian_from_world_field
 
 SUBJECTS, SESSIONS = ["01", "02"], ["1", "2"]
@@ -169,3 +170,40 @@ def test_cli_fills_an_empty_folder_with_a_single_session_dataset(tmp_path, capsy
     assert sorted(path.name for path in (out / "sourcedata" / "truth" / "sub-01").iterdir()) == [
         "sub-01_ses-1_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.nii.gz", "sub-01_truth.json"]
     assert list(_truth(out, "01")["atrophy"]["sessions"]) == ["ses-1"] and _t1w(out, "01", 1).is_file()
+
+
+def _constant_image(grid: Grid, value: float) -> Image:
+    return Image(np.full(grid.shape, value, dtype=np.float32), grid.affine)
+
+
+def test_intensity_change_is_a_gain_times_a_linear_bias_field_of_the_given_size():
+    grid = Grid((21, 15, 11), np.diag([2.0, 2.0, 2.0, 1.0]))
+    data = demo.intensity_change(_constant_image(grid, 100.0), 0.1, np.random.default_rng(0)) / 100.0
+    centre = tuple((n - 1) // 2 for n in grid.shape)
+    gain = data[centre]  # the bias field is 1 at the grid's centre
+    assert 0.9 <= gain <= 1.1
+    bias = data / gain - 1.0
+    # linear: no second differences along any axis, odd about the centre, ±0.1 at the far corners
+    for axis in range(3):
+        assert np.abs(np.diff(bias, n=2, axis=axis)).max() < 1e-5
+    assert np.allclose(bias, -bias[::-1, ::-1, ::-1], atol=1e-5) and np.abs(bias).max() == pytest.approx(0.1, abs=1e-5)
+    assert np.array_equal(demo.intensity_change(_constant_image(grid, 100.0), 0.0, np.random.default_rng(0)),
+                          np.full(grid.shape, 100.0, dtype=np.float32))
+
+
+def test_a_participant_of_another_brain_has_its_site_its_radius_and_a_changed_second_session():
+    """The benchmark's participants (benchmarks/bench_longitudinal.py): any brain, site and radius; the
+    later session with its own gain and bias field (session_intensity), the truth following them."""
+    brain = mni152_brain(4.0)
+    site = (26.0, 2.0, 0.0)
+    plain = demo.make_participant("07", resolution_mm=4.0, seed=9, brain=brain, template="other", site="the right putamen",
+                                  centre_mm=site, radius_mm=9.0)
+    changed = demo.make_participant("07", resolution_mm=4.0, seed=9, brain=brain, template="other",
+                                    site="the right putamen", centre_mm=site, radius_mm=9.0, session_intensity=0.1)
+    atrophy = changed.truth["atrophy"]
+    assert atrophy["region"] == "sphere around the right putamen" and atrophy["radius_mm"] == 9.0
+    assert atrophy["centre_template_mm"] == list(site) and changed.truth["anatomy"]["xfm"].endswith("_to-other_mode-image_xfm.nii.gz")
+    np.testing.assert_array_equal(plain.sessions[0].data, changed.sessions[0].data)  # session 1 untouched
+    inside = plain.sessions[1].data > 0.2 * plain.sessions[1].data.max()
+    ratio = changed.sessions[1].data[inside] / plain.sessions[1].data[inside]
+    assert ratio.std() > 0.01 and 0.75 < ratio.min() and ratio.max() < 1.25  # gain and bias within (1 ± 0.1)²
