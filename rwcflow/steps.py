@@ -158,26 +158,50 @@ def average_images(images: Sequence[PathLike], out_dir: PathLike, method: str = 
 
 
 def shape_update(average: PathLike, average_xfm: PathLike, out_dir: PathLike, gradient_step: float = 0.25,
-                 repeats: int = 4, log_file: PathLike | None = None) -> tuple[Path, Path]:
+                 repeats: int = 4, log_file: PathLike | None = None) -> tuple[Path, Path, Path]:
     """One template update (:func:`rwcflow.templates.shape_update`) of the mean warped image ``average``
     by the mean template→subject field ``average_xfm``.
 
     ``log_file`` (JSON, a list with one entry per update, from the previous update) is extended with this
     update's :func:`rwcflow.templates.update_norms` into ``shape_update.json``; the new template is
-    ``template_update-<n>.nii.gz``, ``n`` the update's number. Returns both paths.
+    ``template_update-<n>.nii.gz``, ``n`` the update's number, and the update itself (an ITK field taking
+    a new template point to the previous template's, which resamples ``average`` into the new template)
+    ``template_update-<n>_xfm.nii.gz``. Returns the three paths.
     """
     start = time.perf_counter()
     disp, grid = transforms.read_displacement_field(average_xfm)
     average_image = load_image(average)
-    updated = templates.shape_update(average_image, disp, grid, gradient_step, repeats)
+    update = templates.update_displacement(disp, grid, gradient_step, repeats)
+    updated = transforms.apply_displacement(average_image, update, grid)
     history = [] if log_file is None else json.loads(Path(log_file).read_text())
     history.append({"update": len(history) + 1, **templates.update_norms(disp, grid, average_image)})
     log_path = Path(out_dir) / "shape_update.json"
     log_path.write_text(json.dumps(history, indent=2))
     path = save_image(updated, Path(out_dir) / f"template_update-{len(history)}.nii.gz")
+    update_path = transforms.write_displacement_field(Path(out_dir) / f"template_update-{len(history)}_xfm.nii.gz",
+                                                      update, grid)
     log.info("template update %d (mean field %.2f mm): updated in %.1f s", len(history),
              history[-1]["update_norm_mm"], time.perf_counter() - start)
-    return path, log_path
+    return path, log_path, update_path
+
+
+def follow_update(moving: PathLike, xfm: PathLike, update_xfm: PathLike, out_dir: PathLike,
+                  moving_labels: PathLike | None = None) -> tuple[Path, Path, Path | None]:
+    """A registration of ``moving`` to a template (its field ``xfm``) carried through the template's update
+    ``update_xfm`` (:func:`shape_update`): the updated template's map is the update, then ``xfm``, on the
+    update's grid. Written as :func:`register_files` names them: ``<moving>_warped.nii.gz`` (``moving``
+    sampled once through the map), ``<moving>_xfm.nii.gz`` and, with ``moving_labels``,
+    ``<moving>_warped_labels.nii.gz`` (nearest neighbour), else ``None``."""
+    update, grid = transforms.read_displacement_field(update_xfm)
+    composed = maps.compose_displacements([transforms.read_displacement_field(xfm), (update, grid)], grid)
+    out = Path(out_dir) / f"{stem(moving)}_"
+    xfm_path = transforms.write_displacement_field(f"{out}{REGISTRATION_FILES['xfm']}", composed, grid)
+    warped = save_image(transforms.apply_displacement(load_image(moving), composed, grid),
+                        f"{out}{REGISTRATION_FILES['warped']}")
+    labels = None if moving_labels is None else save_image(
+        transforms.apply_displacement(load_image(moving_labels, labels=True), composed, grid, labels=True),
+        f"{out}{REGISTRATION_FILES['warped_labels']}")
+    return warped, xfm_path, labels
 
 
 def single_session(session: PathLike, out_dir: PathLike) -> tuple[Path, Path, Path]:

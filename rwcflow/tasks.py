@@ -153,7 +153,7 @@ AverageImages = python.define(_average_images_job, name="AverageImages", outputs
 
 def _shape_update_job(average: File, average_xfm: File, gradient_step: float = 0.25, repeats: int = 4,
                       log: File | None = None, template: File | None = None, templates: list[File] | None = None,
-                      ) -> tuple[File, File, list[File]]:
+                      ) -> tuple[File, File, list[File], File]:
     """Template shape update of ANTs' ``antsMultivariateTemplateConstruction2.sh``
     (:func:`rwcflow.steps.shape_update`).
 
@@ -165,15 +165,28 @@ def _shape_update_job(average: File, average_xfm: File, gradient_step: float = 0
     the template's foreground (in the background the fields are set by regularisation alone), and
     ``update_norm_grid_mm``, over the whole grid. ``template`` is the template the registrations were
     made to: it is appended to ``templates`` (the previous update's output), so a chain of updates lists
-    the template of every iteration; the new one is ``template_update-<n>.nii.gz``.
+    the template of every iteration; the new one is ``template_update-<n>.nii.gz``, and ``update_xfm`` the
+    update itself (an ITK field from the new template to ``template``, for :class:`FollowUpdate`).
     """
-    updated, log_path = steps.shape_update(average, average_xfm, Path.cwd(), gradient_step, repeats, log)
+    updated, log_path, update_xfm = steps.shape_update(average, average_xfm, Path.cwd(), gradient_step, repeats, log)
     registered_to = [] if template is None else [template]
-    return updated, log_path, [*(templates or []), *registered_to]
+    return updated, log_path, [*(templates or []), *registered_to], update_xfm
 
 
 ShapeUpdate = python.define(_shape_update_job, name="ShapeUpdate",
-                            outputs={"template": File, "log": File, "templates": list[File]})
+                            outputs={"template": File, "log": File, "templates": list[File], "update_xfm": File})
+
+
+def _follow_update_job(moving: File, xfm: File, update_xfm: File, moving_labels: File | None = None,
+                       ) -> tuple[File, File, File | None]:
+    """A registration carried through a template update (:func:`rwcflow.steps.follow_update`): ``moving``'s
+    map ``xfm`` to the previous template, after the update ``update_xfm`` (:class:`ShapeUpdate`), with
+    ``warped`` (and ``warped_labels``) resampled through it, named as :class:`Register` names them."""
+    return steps.follow_update(moving, xfm, update_xfm, Path.cwd(), moving_labels)
+
+
+FollowUpdate = python.define(_follow_update_job, name="FollowUpdate",
+                             outputs={"warped": File, "xfm": File, "warped_labels": File | None})
 
 
 def _rigid_midspace_job(sessions: list[File], align: bool = True, device: str = "auto") -> list[File]:

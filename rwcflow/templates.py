@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from rwcflow import maps, transforms
+from rwcflow import maps
 from rwcflow.io import Grid, Image, resample
 
 
-def shape_update(average: Image, mean_disp: np.ndarray, grid: Grid, gradient_step: float = 0.25,
-                 repeats: int = 4) -> Image:
-    """``average`` resampled onto ``grid`` through ``p -> p - gradient_step * d(p)`` applied ``repeats``
-    times (ANTs applies it 4 times), ``d`` being the mean template→subject field ``mean_disp``."""
+def update_displacement(mean_disp: np.ndarray, grid: Grid, gradient_step: float = 0.25, repeats: int = 4) -> np.ndarray:
+    """The template update as world displacements on ``grid``: ``p -> p - gradient_step * d(p)`` applied
+    ``repeats`` times (ANTs applies it 4 times), ``d`` being the mean template→subject field ``mean_disp``.
+    It takes a point of the new template to the previous template's."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
-    update = maps.compose_displacements([(-gradient_step * np.asarray(mean_disp), grid)] * repeats, grid)
-    return transforms.apply_displacement(average, update, grid)
+    return maps.compose_displacements([(-gradient_step * np.asarray(mean_disp), grid)] * repeats, grid)
 
 
 def update_norms(mean_disp: np.ndarray, grid: Grid, average: Image) -> dict[str, float]:

@@ -196,6 +196,8 @@ def test_shape_update_moves_the_average_against_the_mean_field(tmp_path):
     template = load_image(out.template)
     points = grid.world_points()
     inside = _inside(grid, points - repeats * step * shift)
+    update, _ = transforms.read_displacement_field(out.update_xfm)  # new template point p -> the average's
+    np.testing.assert_allclose(update[inside], np.broadcast_to(-repeats * step * shift, update.shape)[inside], atol=1e-5)
     assert template.grid == grid and inside.mean() > 0.5
     np.testing.assert_allclose(template.data[inside], ((points - repeats * step * shift) @ SLOPE + OFFSET)[inside],
                                atol=1e-3)
@@ -210,7 +212,7 @@ def test_shape_update_moves_the_average_against_the_mean_field(tmp_path):
     assert Path(second.template).name == "template_update-2.nii.gz"
     assert [entry["update"] for entry in json.loads(Path(second.log).read_text())] == [1, 2]
     with pytest.raises(ValueError, match="repeats"):
-        templates.shape_update(template, np.zeros((*grid.shape, 3)), grid, step, repeats=0)
+        templates.update_displacement(np.zeros((*grid.shape, 3)), grid, step, repeats=0)
 
 
 def test_single_session_is_its_own_template_with_an_identity_transform(tmp_path):

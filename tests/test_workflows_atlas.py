@@ -15,7 +15,7 @@ from rwcflow import maps, spatial, transforms
 from rwcflow.example import mni152_brain
 from rwcflow.io import Grid, Image, load_image, save_image
 from rwcflow.synth import random_smooth_field
-from rwcflow.tasks import LabelProbabilities, Register, ShapeUpdate
+from rwcflow.tasks import FollowUpdate, LabelProbabilities, Register, ShapeUpdate
 from rwcflow.workflows.atlas import Atlas
 from rwcflow.workflows.pairwise import Pairwise
 
@@ -103,6 +103,10 @@ def test_shape_update_moves_the_average_against_a_translation(tmp_path, submit):
     assert template.grid == grid
     inside = np.all((grid.world_to_voxel(points - shift) >= 0) & (grid.world_to_voxel(points - shift) <= np.array(grid.shape) - 1), axis=-1)
     np.testing.assert_allclose(template.data[inside], ((points - shift) @ slope + offset)[inside], atol=1e-3)
+    # the update itself: the new template's point p is the average's p - t
+    update, update_grid = transforms.read_displacement_field(first.update_xfm)
+    assert update_grid == grid and Path(first.update_xfm).name == "template_update-1_xfm.nii.gz"
+    np.testing.assert_allclose(update[inside], np.broadcast_to(-shift, update.shape)[inside], atol=1e-5)
 
     # the log grows by one entry per update and records the mean field length
     second = submit(ShapeUpdate(average=average, average_xfm=xfm, gradient_step=0.5, repeats=1, log=first.log,
@@ -115,6 +119,37 @@ def test_shape_update_moves_the_average_against_a_translation(tmp_path, submit):
     assert [Path(path).name for path in second.templates] == ["avg.nii.gz", "template_update-1.nii.gz"]
     half = load_image(second.template)
     np.testing.assert_allclose(half.data[inside], ((points - shift / 2) @ slope + offset)[inside], atol=1e-3)
+
+
+def test_follow_update_composes_the_update_before_the_registration(tmp_path, submit):
+    """A registration to the previous template translating by ``a`` (previous template point q to the
+    image's q + a) and an update translating by ``b`` (new template point p to the previous template's
+    p + b): the image's map from the new template is p + b + a, its image sampled there once, labels too."""
+    grid = Grid((16, 14, 12), np.diag([2.0, 1.5, 2.5, 1.0]))
+    slope, offset, a, b = np.array([0.5, -0.25, 0.75]), 40.0, np.array([1.0, -1.5, 2.0]), np.array([-0.5, 2.0, 1.0])
+    points = grid.world_points()
+    moving = save_image(Image((points @ slope + offset).astype(np.float32), grid.affine), tmp_path / "sub-7_T1w.nii.gz")
+    labels = save_image(Image((points[..., 0] > 5.0).astype(np.int32), grid.affine), tmp_path / "sub-7_dseg.nii.gz")
+    xfm = transforms.write_displacement_field(tmp_path / "xfm.nii.gz", np.broadcast_to(a, (*grid.shape, 3)), grid)
+    update = transforms.write_displacement_field(tmp_path / "update.nii.gz", np.broadcast_to(b, (*grid.shape, 3)), grid)
+    out = submit(FollowUpdate(moving=moving, xfm=xfm, update_xfm=update, moving_labels=labels))
+    assert [Path(path).name for path in (out.xfm, out.warped, out.warped_labels)] == [
+        "sub-7_T1w_xfm.nii.gz", "sub-7_T1w_warped.nii.gz", "sub-7_T1w_warped_labels.nii.gz"]
+    composed, composed_grid = transforms.read_displacement_field(out.xfm)
+    assert composed_grid == grid
+    mapped = points + a + b
+
+    def on_grid(world: np.ndarray) -> np.ndarray:
+        voxels = grid.world_to_voxel(world)
+        return np.all((voxels >= 0) & (voxels <= np.array(grid.shape) - 1), axis=-1)
+
+    inside = on_grid(points + b) & on_grid(mapped)  # the registration's field is read at p + b
+    assert inside.mean() > 0.4
+    np.testing.assert_allclose(composed[inside], np.broadcast_to(a + b, composed.shape)[inside], atol=1e-5)
+    np.testing.assert_allclose(load_image(out.warped).data[inside], (mapped @ slope + offset)[inside], atol=1e-3)
+    warped_labels = load_image(out.warped_labels, labels=True).data
+    np.testing.assert_array_equal(warped_labels[inside & (np.abs(mapped[..., 0] - 5.0) > 1.0)],
+                                  (mapped[..., 0] > 5.0)[inside & (np.abs(mapped[..., 0] - 5.0) > 1.0)])
 
 
 def test_label_probabilities(tmp_path, submit):

@@ -79,7 +79,7 @@ def test_interrupted_atlas_resumes_without_redoing_finished_registrations(images
     finally:
         process.wait()
     finished = _finished_registrations(cache)
-    assert 4 <= len(finished) < 9  # 3 affine + 3 + 3 registrations in all
+    assert 4 <= len(finished) < 6  # 3 affine + 3 registrations in all (the final maps follow the update)
 
     # the killed jobs' lock files are left behind, and their owners cannot always be proved dead (a
     # zombie where nothing reaps orphans)
@@ -87,7 +87,7 @@ def test_interrupted_atlas_resumes_without_redoing_finished_registrations(images
         resumed = submitter(Atlas(images=images, **OPTIONS), raise_errors=True).outputs
 
     after = _finished_registrations(cache)
-    assert len(after) == 9
+    assert len(after) == 6
     assert {job: after[job] for job in finished} == finished  # none of them was run again
     np.testing.assert_array_equal(load_image(resumed.template).data, load_image(reference.template).data)
     for ours, theirs in zip(resumed.xfms, reference.xfms):

@@ -3,10 +3,11 @@
 Start from the average of the images affinely aligned to the first (or from a given template); then,
 ``iterations`` times: register every image to the template, average the warped images (optionally
 sharpened) and the template→subject fields, and move the average against the mean field
-(:class:`rwcflow.tasks.ShapeUpdate`).
-Every image is finally registered to the last template. rwcflow's fields map template points to subject
-points, so their mean displacement is the template's shape bias, and the update pulls the average
-image back through ``-gradient_step`` times it.
+(:class:`rwcflow.tasks.ShapeUpdate`). rwcflow's fields map template points to subject points, so their
+mean displacement is the template's shape bias, and the update pulls the average image back through
+``-gradient_step`` times it. The last round's registrations are then carried through the last update
+(:class:`rwcflow.tasks.FollowUpdate`: the update's field, then each registration's), which gives every
+image's map from the final template without registering every image once more, as ANTs' script does.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from fileformats.generic import File
 from pydra.compose import workflow
 
-from rwcflow.tasks import AverageFields, AverageImages, LabelProbabilities, Register, ShapeUpdate
+from rwcflow.tasks import AverageFields, AverageImages, FollowUpdate, LabelProbabilities, Register, ShapeUpdate
 
 
 def _register_all(template, images: list[File], labels: list[File] | None, name: str, **options):
@@ -47,8 +48,8 @@ def Atlas(images: list[File], iterations: int = 3, gradient_step: float = 0.25, 
     (default: the mean of the images on the first one's grid, affinely aligned to it when ``affine``).
 
     Outputs: ``template`` (on the initial template's grid); ``xfms`` (each image's ITK displacement
-    field template→image, affine included) and ``warped`` (each image on the template), from the
-    registrations to the final template; ``log`` (JSON, one entry per update with ``update_norm_mm``,
+    field template→image, affine included) and ``warped`` (each image on the template), the last round's
+    registrations carried through the last update; ``log`` (JSON, one entry per update with ``update_norm_mm``,
     the mean length in mm of the average template→subject field over the template's foreground);
     ``templates``, the template of each iteration (the initial one first; ``template`` follows the
     last); with ``labels``,
@@ -80,7 +81,13 @@ def Atlas(images: list[File], iterations: int = 3, gradient_step: float = 0.25, 
                                           repeats=shape_repeats, log=log, template=template, templates=templates),
                               name=f"shape_update_{k}")
         template, log, templates = update.template, update.log, update.templates
-    final = _register_all(template, images, labels, "register_final", **options)
+    follow = FollowUpdate(update_xfm=update.update_xfm)
+    if labels is None:
+        follow = follow.split(("moving", "xfm"), moving=images, xfm=registered.xfm)
+    else:
+        follow = follow.split(("moving", "xfm", "moving_labels"), moving=images, xfm=registered.xfm,
+                              moving_labels=labels)
+    final = workflow.add(follow.combine("moving"), name="follow_update")
     probabilities = values = None
     if labels is not None:
         maps = workflow.add(LabelProbabilities(label_maps=final.warped_labels), name="label_probabilities")

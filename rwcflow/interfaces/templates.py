@@ -24,6 +24,8 @@ class _ShapeUpdateInputSpec(BaseInterfaceInputSpec):
 class _ShapeUpdateOutputSpec(TraitedSpec):
     template = File(exists=True, desc="the updated template, template_update-<n>.nii.gz")
     log = File(exists=True, desc="the log extended with this update's norms (JSON)")
+    update_xfm = File(exists=True, desc="the update, an ITK field from the new template to the previous one, "
+                                        "template_update-<n>_xfm.nii.gz")
 
 
 class ShapeUpdate(SimpleInterface):
@@ -35,9 +37,10 @@ class ShapeUpdate(SimpleInterface):
     output_spec = _ShapeUpdateOutputSpec
 
     def _run_interface(self, runtime):
-        template, log = steps.shape_update(self.inputs.average, self.inputs.average_xfm, runtime.cwd,
-                                           self.inputs.gradient_step, self.inputs.repeats, optional(self.inputs.log))
-        self._results.update(template=str(template), log=str(log))
+        template, log, update_xfm = steps.shape_update(self.inputs.average, self.inputs.average_xfm, runtime.cwd,
+                                                       self.inputs.gradient_step, self.inputs.repeats,
+                                                       optional(self.inputs.log))
+        self._results.update(template=str(template), log=str(log), update_xfm=str(update_xfm))
         return runtime
 
 
