@@ -12,7 +12,7 @@ the sessions a rigid repositioning and an intensity change (a gain and a linear 
 files, ``rwcflow BIDS OUT participant`` runs on it with no option but the work folder, and
 ``rwcflow-demo-check``'s measure compares every participant with the truth: recovered volume change
 within ±0.5 percentage points, far-field mean |Δ log J| under 0.005. Prints a table and writes
-``benchmarks/results/longitudinal_cpu.{json,md}``.
+``benchmarks/results/longitudinal_cpu_<resolutions>.{json,md}`` (e.g. ``_1mm_2mm``).
 """
 
 from __future__ import annotations
@@ -156,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
               "cases": [asdict(case) for case in CASES], "session_intensity": SESSION_INTENSITY,
               "repositioning": REPOSITIONING, "results": results, "environment": environment()}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "longitudinal_cpu.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "longitudinal_cpu.md").write_text(
+    name = "longitudinal_cpu_" + "_".join(f"{resolution:g}mm" for resolution in args.resolution)
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{name}.md").write_text(
         f"# The participant level's default path on a varied longitudinal set\n\n{report['environment']['processor']}, "
         f"{report['environment']['cpu_count']} CPUs, {report['environment']['date']}. "
         f"`python -m benchmarks.bench_longitudinal --resolution {' '.join(f'{r:g}' for r in args.resolution)}`\n\n"
