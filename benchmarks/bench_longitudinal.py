@@ -101,7 +101,7 @@ def run_participant_level(root: Path, out: Path, work: Path) -> tuple[float, dic
     start = time.perf_counter()
     subprocess.run([str(app), str(root), str(out), "participant", "-w", str(work)], check=False)
     wall = time.perf_counter() - start
-    (log,) = sorted((out / "logs").glob("rwcflow-participant-*.log"))[-1:]
+    log = sorted((out / "logs").glob("rwcflow-participant-*.log"))[-1]  # this run's (a resumed folder has more)
     times = {f"sub-{m[1]}": float(m[2]) for m in re.finditer(r"sub-(\w+) done in ([\d.]+) s", log.read_text())}
     return wall, times
 

@@ -101,7 +101,7 @@ def make_example_pair(
     brain: tuple[Image, Image] | None = None,
 ) -> ExamplePair:
     """Build the example pair (see the module docstring); ``brain``: the fixed image and its labels, on one
-    grid (default: the MNI152 brain at ``resolution_mm``, which is then ignored)."""
+    grid (default: the MNI152 brain at ``resolution_mm``; a given brain keeps its own voxel size)."""
     fixed, fixed_labels = brain if brain is not None else mni152_brain(resolution_mm)
     resolution_mm = float(np.mean(fixed.grid.spacing))
     rng = np.random.default_rng(seed)
