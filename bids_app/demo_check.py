@@ -95,33 +95,39 @@ def participant_rows(bids_dir: Path, derivatives_dir: Path, truth: dict, *, tole
                      far_limit: float = FAR_LIMIT) -> list[ChangeRow]:
     """The rows of one participant (its truth file's contents ``truth``), one per later session."""
     label = truth["participant_id"]
-    sessions = truth["atrophy"]["sessions"]
-    radius = float(truth["atrophy"]["radius_mm"])
-    raw = {session: bids_dir / label / session / "anat" / f"{label}_{session}_T1w.nii.gz" for session in sessions}
+    raw = {session: bids_dir / label / session / "anat" / f"{label}_{session}_T1w.nii.gz"
+           for session in truth["atrophy"]["sessions"]}
     space = names.SUBJECT_SPACE
     template = load_image(names.participant_path(derivatives_dir, label.removeprefix("sub-"),
                                                  "desc-template_T1w.nii.gz"))
-    first = "ses-1"
     displacement, grid = transforms.read_displacement_field(
-        names.derivative_path(derivatives_dir, raw[first], f"from-orig_to-{space}_mode-image_xfm.nii.gz"))
+        names.derivative_path(derivatives_dir, raw["ses-1"], f"from-orig_to-{space}_mode-image_xfm.nii.gz"))
     if grid != template.grid:
         raise InputError(derivatives_dir / label, "the session-1 transform is not on the template's grid")
-    mapped = grid.world_points() + displacement  # each template voxel's point in session 1 (RAS mm)
-    distance = np.linalg.norm(mapped - np.asarray(sessions[first]["centre_mm"]), axis=-1)
+    jacobians = {session: read_nibabel(names.derivative_path(derivatives_dir, path, f"space-{space}_jacobian.nii.gz"))[1]
+                 for session, path in raw.items()}
+    return change_rows(truth, template, displacement, jacobians, tolerance_pp=tolerance_pp, far_limit=far_limit)
+
+
+def change_rows(truth: dict, template: Image, first_displacement: np.ndarray, jacobians: dict[str, np.ndarray], *,
+                tolerance_pp: float = TOLERANCE_PP, far_limit: float = FAR_LIMIT) -> list[ChangeRow]:
+    """One participant's rows from its within-subject ``template``, session 1's template->session map
+    (``first_displacement``, RAS mm on the template's grid) and every session's Jacobian map on that grid
+    (``jacobians``, by session name): the measure of the module docstring."""
+    label, sessions = truth["participant_id"], truth["atrophy"]["sessions"]
+    radius = float(truth["atrophy"]["radius_mm"])
+    grid = template.grid
+    mapped = grid.world_points() + first_displacement  # each template voxel's point in session 1 (RAS mm)
+    distance = np.linalg.norm(mapped - np.asarray(sessions["ses-1"]["centre_mm"]), axis=-1)
     voxel_mm = float(np.mean(grid.spacing))
     region = distance < radius - CORE_MARGIN_VOXELS * voxel_mm
     far = (distance > 2 * radius + FAR_MARGIN_VOXELS * voxel_mm) & foreground_mask(template)
-
-    def jacobian(session: str) -> np.ndarray:
-        _, data = read_nibabel(names.derivative_path(derivatives_dir, raw[session], f"space-{space}_jacobian.nii.gz"))
-        return data.astype(np.float64)
-
-    before = jacobian(first)
+    before = np.asarray(jacobians["ses-1"], dtype=np.float64)
     rows = []
     for session, entry in sessions.items():
-        if session == first:
+        if session == "ses-1":
             continue
-        after = jacobian(session)
+        after = np.asarray(jacobians[session], dtype=np.float64)
         recovered = 100.0 * (after[region].sum() / before[region].sum() - 1.0)
         log_change = np.log(np.maximum(after[far], 1e-6)) - np.log(np.maximum(before[far], 1e-6))
         rows.append(ChangeRow(label, session, float(entry["volume_change_percent"]), round(float(recovered), 4),
