@@ -5,8 +5,9 @@ Run from the repository root: ``python -m benchmarks.bench_longitudinal_settings
 
 The participant level's default path misses its truth on :mod:`benchmarks.bench_longitudinal`'s set;
 this measures where that comes from, without the App (:mod:`benchmarks.bench_refinement` does the same
-on one brain): for every participant of that set (written into ``--folder``, or read from it when it is there) the sessions' rigid midspace
-(:func:`rwcflow.midspace.rigid_midspace`, as the participant level), then per setting
+on one brain): for every participant of that set (written into ``--folder``, or read from it when it is
+there) the sessions' rigid midspace (:func:`rwcflow.midspace.rigid_midspace`, as the participant level),
+then per setting
 :func:`rwcflow.groupwise.refine_groupwise` with :class:`~rwcflow.groupwise.GroupwiseRefinement`'s fields
 given as JSON (``'{}'``: the defaults; ``'{"smoothing_mm": 6, "control_spacing_mm": 4}'``: finer
 corrections), and ``rwcflow-demo-check``'s measure on the refined maps (recovered against true volume
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     name = f"longitudinal_settings_cpu_{args.resolution:g}mm"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    command = " ".join(["python -m benchmarks.bench_longitudinal_settings", *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(["python", "-m", "benchmarks.bench_longitudinal_settings",
+                          *(argv if argv is not None else sys.argv[1:])])
     (args.out / f"{name}.md").write_text(
         f"# The groupwise refinement's settings on the varied longitudinal set\n\n"
         f"{report['environment']['processor']}, {report['environment']['cpu_count']} CPUs, "
