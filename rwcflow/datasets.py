@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import copy
 import functools
+import inspect
 import json
 import os
 import re
@@ -451,10 +452,20 @@ class BIDSSource(PairSource):
 SOURCES = {"synthetic": SyntheticSource, "learn2reg": Learn2RegSource, "bids": BIDSSource}
 
 
-def make_source(spec: dict) -> PairSource:
-    """A source from a config entry: ``{"kind": "synthetic" | "learn2reg" | "bids", **its arguments}``."""
-    spec = dict(spec)
-    kind = spec.pop("kind", None)
+def source_class(spec: dict) -> type[PairSource]:
+    """The source class of a config entry (see :func:`make_source`), its options' names checked against
+    the class's arguments; a ``ValueError`` naming the unknown kind or options otherwise."""
+    kind = spec.get("kind")
     if kind not in SOURCES:
         raise ValueError(f"data kind must be one of {', '.join(SOURCES)}, got {kind!r}")
-    return SOURCES[kind](**spec)
+    accepted = set(inspect.signature(SOURCES[kind]).parameters)
+    unknown = sorted(set(spec) - accepted - {"kind"})
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} of the {kind} data source "
+                         f"(its options: {', '.join(sorted(accepted))})")
+    return SOURCES[kind]
+
+
+def make_source(spec: dict) -> PairSource:
+    """A source from a config entry: ``{"kind": "synthetic" | "learn2reg" | "bids", **its arguments}``."""
+    return source_class(spec)(**{key: value for key, value in spec.items() if key != "kind"})

@@ -44,7 +44,7 @@ from rwcflow import metrics, spatial
 from rwcflow.checkpoint import default_model_path, load_model, read_metadata, save_model
 from rwcflow.checks import check_at_least, check_device, check_model, check_output_folder
 from rwcflow.console import command_logging
-from rwcflow.datasets import SOURCES, Pair, PairSource, StepPairs, SyntheticSource, first, make_source
+from rwcflow.datasets import Pair, PairSource, StepPairs, SyntheticSource, first, make_source, source_class
 from rwcflow.errors import InputError, RwcflowError
 from rwcflow.io import atomic_write
 from rwcflow.losses import diffusion_loss, keypoint_loss, mse_loss, ncc_loss, soft_dice_loss
@@ -130,9 +130,11 @@ class TrainConfig:
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
         for name, spec in (("data", self.data), ("validation_data", self.validation_data)):
-            kind = spec.get("kind") if isinstance(spec, dict) else spec
-            if spec is not None and kind not in SOURCES:
-                raise ValueError(f"{name} kind must be one of {', '.join(SOURCES)}, got {kind!r}")
+            if spec is not None:
+                try:
+                    source_class(spec if isinstance(spec, dict) else {"kind": spec})
+                except ValueError as exc:
+                    raise ValueError(f"{name}: {exc}") from None
         if self.train_patch_fraction is not None:
             self.train_patch_fraction = tuple(float(f) for f in self.train_patch_fraction)
             if len(self.train_patch_fraction) != len(self.model.stages) or not all(0 < f <= 1 for f in self.train_patch_fraction):
@@ -818,16 +820,20 @@ def _train(args: argparse.Namespace, deadline: float | None) -> int:
         else:
             check_device(f"{args.config}: device", config.device)
         _check_against_config(args, config)
+        # the data sources open their files here, before anything is written into out_dir
+        source = make_source(config.data)
+        if config.validation_data:
+            make_source(config.validation_data)
         if args.stop_at is not None:
             first_stage = (args.stages or [0])[0]
             init = args.init_model or (args.out_dir / f"stage{first_stage - 1}" / "model.safetensors"
                                        if first_stage > 0 else None)
             save_config(config, Path(args.out_dir) / "config.json")
-            model = train_stage(config, first_stage, args.out_dir, init_model=init, stop_at=args.stop_at,
-                                deadline=deadline, progress=not args.quiet)
+            model = train_stage(config, first_stage, args.out_dir, init_model=init, source=source,
+                                stop_at=args.stop_at, deadline=deadline, progress=not args.quiet)
         else:
-            model = train(config, args.out_dir, stages=args.stages, init_model=args.init_model, time_limit_s=time_limit,
-                          progress=not args.quiet)
+            model = train(config, args.out_dir, stages=args.stages, init_model=args.init_model, source=source,
+                          time_limit_s=time_limit, progress=not args.quiet)
     except (RwcflowError, OSError, ValueError) as exc:
         print(f"rwcflow-train: error: {exc}", file=sys.stderr)
         return 2
